@@ -1,0 +1,62 @@
+"""The one-call Python API: `explain(model, images, method=..., target=...)`."""
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+from .explainers import Explanation, get_method, normalise_per_sample, upsample
+from .models import as_adapter
+
+
+def check_images(adapter, images) -> torch.Tensor:
+    """Validate a (B, C, H, W) batch against the model's input and cast it to the model's dtype."""
+    if not torch.is_tensor(images):
+        raise UserError(f"Images must be a torch tensor of shape (B, C, H, W), got {type(images).__name__}.")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    c, h, w = adapter.input_size
+    if images.dim() != 4:
+        raise UserError(f"Images must have shape (B, {c}, {h}, {w}), got {tuple(images.shape)}.")
+    if images.shape[1] != c:
+        raise UserError(
+            f"The model expects {c}-channel images but got {images.shape[1]} channels: convert grey-scale or RGBA images to RGB first."
+        )
+    if tuple(images.shape[2:]) != (h, w):
+        raise UserError(
+            f"The model expects {h}x{w} images but got {images.shape[2]}x{images.shape[3]}: resize them to {h}x{w} first."
+        )
+    if not images.is_floating_point():
+        raise UserError("Images must be a floating-point tensor, normalised with the model's mean and std.")
+    return images.to(device=adapter.device, dtype=adapter.dtype)
+
+
+def explain(model, images, method: str = "transformer_attribution", target=None, **options) -> Explanation:
+    """Explain `model`'s decision on a batch of images (or a text batch, for text adapters).
+
+    target: None explains the predicted class; an int or one int per sample explains that class.
+    options: the method's keyword options (e.g. start_layer, rule_set); see `list_methods()`.
+    """
+    adapter = as_adapter(model)
+    explainer = get_method(method)(**options)
+    reason = adapter.unsupported.get(explainer.name)
+    if reason:
+        raise UserError(f"Method {explainer.name!r} is not defined on {adapter.family}: {reason}.")
+    x = adapter.prepare(images) if hasattr(adapter, "prepare") else check_images(adapter, images)
+    scores, logits, chosen = explainer.scores(adapter, x, target)
+    if chosen is None:
+        from .explainers.base import select_target
+
+        chosen = select_target(logits, target)
+    scores = torch.nan_to_num(scores.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    if explainer.pixel_level:
+        token_map = scores
+    else:
+        token_map = adapter.to_token_map(scores)
+    if hasattr(adapter, "heatmap_from_tokens"):
+        heatmap = adapter.heatmap_from_tokens(token_map)
+    else:
+        heatmap = normalise_per_sample(upsample(token_map, tuple(x.shape[-2:])))
+    return Explanation(
+        token_map=token_map, heatmap=heatmap, target=chosen.detach(), logits=logits.detach(),
+        method=explainer.name, extras={"scores": scores},
+    )

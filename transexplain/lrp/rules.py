@@ -1,0 +1,153 @@
+"""LRP rules, one small class each, and the two rule sets of the paper (`OURS`, `CLASSIC`).
+
+Every rule ignores biases, as the reference implementation does. The rules get the recorded
+inputs of a node and the relevance of its output, and return one relevance per input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .core import EPS, Node, per_sample_sum, safe_divide, vjp
+
+
+def _rows_with_relevance(x2: torch.Tensor, r2: torch.Tensor):
+    """Rows of a flattened (rows, features) pair that carry relevance; the rest give exact zeros.
+
+    In the last block only the CLS row carries relevance, so this skips most of its MLP.
+    """
+    live = (r2 != 0).any(dim=1)
+    n_live = int(live.sum())
+    if n_live == r2.shape[0]:
+        return None
+    return live.nonzero(as_tuple=True)[0]
+
+
+class AlphaOneBetaZero:
+    """α=1, β=0 for Linear: positive contributions x⁺w⁺ and x⁻w⁻ only.
+
+    shared=True (ours): one denominator Σ(x⁺w⁺ + x⁻w⁻), conservative.
+    shared=False (classic): separate denominators for the two parts, as the paper's LRP baselines.
+    """
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        r2 = r.reshape(-1, r.shape[-1])
+        rows = _rows_with_relevance(x2, r2)
+        if rows is not None:
+            out = torch.zeros_like(x2)
+            if rows.numel():
+                out[rows] = self._dense(x2[rows], weight, r2[rows])
+            return out.reshape(x.shape)
+        return self._dense(x2, weight, r2).reshape(x.shape)
+
+    def _dense(self, x, weight, r):
+        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        zp, zn = F.linear(xp, wp), F.linear(xn, wn)
+        if self.shared:
+            s = safe_divide(r, zp + zn)
+            return xp * (s @ wp) + xn * (s @ wn)
+        return xp * (safe_divide(r, zp) @ wp) + xn * (safe_divide(r, zn) @ wn)
+
+
+class AddProportional:
+    """z = a + b: each operand gets its share a·R/z, b·R/z.
+
+    rescale=True (ours): then the two shares are rescaled per sample so that they sum to ΣR, each
+    branch keeping |ΣR_a| / (|ΣR_a| + |ΣR_b|) of it. The reference sums over the whole batch;
+    summing per sample is what makes a sample's map independent of its batch.
+    """
+
+    def __init__(self, rescale: bool):
+        self.rescale = rescale
+
+    def __call__(self, a, b, r):
+        s = safe_divide(r, a + b)
+        ra, rb = a * s, b * s
+        if not self.rescale:
+            return ra, rb
+        sa, sb, total = per_sample_sum(ra), per_sample_sum(rb), per_sample_sum(r)
+        denom = sa.abs() + sb.abs()
+        ra = ra * safe_divide(safe_divide(sa.abs(), denom) * total, sa)
+        rb = rb * safe_divide(safe_divide(sb.abs(), denom) * total, sb)
+        return ra, rb
+
+
+class BilinearHalved:
+    """z = a @ b with both operands inputs (Q·Kᵀ, A·V): gradient × input on each, then halved."""
+
+    def __call__(self, a, b, r):
+        s = safe_divide(r, a @ b)
+        ra = a * (s @ b.transpose(-2, -1))
+        rb = b * (a.transpose(-2, -1) @ s)
+        return ra / 2, rb / 2
+
+
+class MeanPoolAlphaOne:
+    """Average pooling as a linear layer with weights 1/n (all positive): R_t ∝ x_t⁺."""
+
+    def __call__(self, x, fn, r):
+        xp = x.clamp(min=0)
+        return xp * vjp(fn, xp, safe_divide(r, fn(xp)))
+
+
+class ZBox:
+    """z^B rule for the first convolution, bounded per sample by the image's own min and max."""
+
+    def __call__(self, x: torch.Tensor, conv: torch.nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
+        w = conv.weight
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        dims = tuple(range(1, x.dim()))
+        low = x.amin(dim=dims, keepdim=True).expand_as(x)
+        high = x.amax(dim=dims, keepdim=True).expand_as(x)
+        kw = dict(stride=conv.stride, padding=conv.padding)
+        z = (F.conv2d(x, w, **kw) - F.conv2d(low, wp, **kw) - F.conv2d(high, wn, **kw)) + EPS
+        s = r / z
+
+        def back(weight):
+            return torch.nn.grad.conv2d_input(x.shape, weight, s, **kw)
+
+        return x * back(w) - low * back(wp) - high * back(wn)
+
+
+class RuleSet:
+    """Which rule each kind of recorded node gets."""
+
+    def __init__(self, name: str, linear, add):
+        self.name = name
+        self.linear = linear
+        self.add = add
+        self.bilinear = BilinearHalved()
+        self.pool = MeanPoolAlphaOne()
+        self.zbox = ZBox()
+
+    def relprop(self, node: Node, r: torch.Tensor) -> list:
+        ins = [t.detach() for t in node.inputs]
+        kind = node.kind
+        if kind == "pass":
+            return [r]
+        if kind == "move":
+            return [vjp(node.fn, ins[0], r)]
+        if kind == "linear":
+            return [self.linear(ins[0], node.weight.detach(), r)]
+        if kind == "add":
+            return list(self.add(ins[0], ins[1], r))
+        if kind == "matmul":
+            return list(self.bilinear(ins[0], ins[1], r))
+        if kind == "pool_mean":
+            return [self.pool(ins[0], node.fn, r)]
+        if kind == "conv_input":
+            return [self.zbox(ins[0], node.module, r)]
+        raise ValueError(f"no LRP rule for recorded op kind {kind!r}")
+
+    def __repr__(self):
+        return f"RuleSet({self.name})"
+
+
+OURS = RuleSet("ours", AlphaOneBetaZero(shared=True), AddProportional(rescale=True))
+CLASSIC = RuleSet("classic", AlphaOneBetaZero(shared=False), AddProportional(rescale=False))
+RULE_SETS = {"ours": OURS, "classic": CLASSIC}

@@ -1,0 +1,67 @@
+"""What every model adapter gives the explainers: a recorded forward and token-space operators.
+
+An adapter wraps an unmodified model. `run` re-runs its forward through an LRP `Tape` and returns
+the logits with each block's attention probabilities (heads on dim 1, in the adapter's own layout:
+(B, H, N, N) for ViT, one matrix per window for Swin). `readout` and `mix` let a method carry a
+row vector over tokens down the blocks (v ← v·M_b) without ever building a dense token x token
+product, and `to_token_map` turns the final vector into a (B, grid_h, grid_w) map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lrp import Tape
+
+
+@dataclass
+class Trace:
+    logits: torch.Tensor
+    attentions: list  # per block, heads on dim 1
+    tape: Tape
+    input: torch.Tensor
+    extras: dict = field(default_factory=dict)
+
+
+class EncoderAdapter:
+    """Base class; subclasses implement `run`, `readout`, `mix`, `to_token_map`."""
+
+    family = "encoder"
+    #: methods that cannot be defined on this architecture, with the reason
+    unsupported: dict = {}
+    #: GradCAM head weights from the mean of ∇A over the full matrix (text) or the readout row (vision)
+    gradcam_full_matrix = False
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    num_blocks: int
+    num_classes: int
+
+    def run(self, x: torch.Tensor, record: bool = False) -> Trace:
+        raise NotImplementedError
+
+    def readout(self, trace: Trace) -> torch.Tensor:
+        """The row vector that reads the classifier's input off the last block's tokens."""
+        raise NotImplementedError
+
+    def mix(self, v: torch.Tensor, block: int, mats: torch.Tensor) -> torch.Tensor:
+        """v ← v · M for block `block`; `mats` has the block's attention layout without the head dim."""
+        raise NotImplementedError
+
+    def to_token_map(self, v: torch.Tensor) -> torch.Tensor:
+        """Scores of the content tokens on their grid, (B, grid_h, grid_w)."""
+        raise NotImplementedError
+
+    def identity_like(self, mats: torch.Tensor) -> torch.Tensor:
+        n = mats.shape[-1]
+        return torch.eye(n, dtype=mats.dtype, device=mats.device).expand_as(mats)

@@ -1,0 +1,28 @@
+"""Pick the adapter for a model object by its architecture."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..errors import UserError
+from .base import EncoderAdapter
+from .vit import SUPPORTED, ViTAdapter
+
+
+def as_adapter(model) -> EncoderAdapter:
+    """Return an adapter for `model` (an adapter is returned as is)."""
+    if isinstance(model, EncoderAdapter):
+        return model
+    if not isinstance(model, nn.Module):
+        raise UserError(f"Expected a PyTorch model, got {type(model).__name__}: pass a timm or Hugging Face model object.")
+    name = type(model).__name__
+    if name in ("VisionTransformer", "VisionTransformerDistilled"):
+        return ViTAdapter(model)
+    if name in ("SwinTransformer",):
+        from .swin import SwinAdapter
+
+        return SwinAdapter(model)
+    if name.endswith("ForSequenceClassification"):
+        from .text import TextAdapter
+
+        return TextAdapter(model)
+    raise UserError(f"This model is not supported: {name}. Supported architectures: {SUPPORTED}.")

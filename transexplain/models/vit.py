@@ -1,0 +1,124 @@
+"""Adapter for timm VisionTransformer (ViT, DeiT) with one class token.
+
+The forward is re-run op by op from the model's own submodules and parameters, so the model object
+is never modified; the tests check that the recorded logits equal `model(x)`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+from ..lrp import Tape
+from .base import EncoderAdapter, Trace
+
+SUPPORTED = "timm VisionTransformer / DeiT with one class token, timm SwinTransformer, Hugging Face BERT-family classifiers"
+
+
+def _refuse(why: str):
+    raise UserError(f"This model is not supported: {why}. Supported architectures: {SUPPORTED}.")
+
+
+class ViTAdapter(EncoderAdapter):
+    family = "vit"
+    default_start_layer = 1
+    default_row_normalize = False
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        m = model
+        if getattr(m, "cls_token", None) is None:
+            _refuse("the ViT has no class token (global average pooling models are not handled yet)")
+        if getattr(m, "num_prefix_tokens", 1) != 1 or getattr(m, "reg_token", None) is not None:
+            _refuse("the ViT has more than one prefix token (DeiT-distilled or register tokens)")
+        if getattr(m, "global_pool", "token") != "token" or getattr(m, "attn_pool", None) is not None:
+            _refuse(f"the ViT pools with {getattr(m, 'global_pool', '?')!r}, not with its class token")
+        if getattr(m, "no_embed_class", False) or getattr(m, "dynamic_img_size", False):
+            _refuse("position embeddings without the class token or dynamic image sizes are not handled yet")
+        for i, blk in enumerate(m.blocks):
+            attn = getattr(blk, "attn", None)
+            if type(blk).__name__ != "Block" or attn is None or not hasattr(attn, "qkv"):
+                _refuse(f"block {i} is a {type(blk).__name__}, not a standard pre-norm ViT block")
+            if getattr(attn, "gate", None) is not None:
+                _refuse("gated attention is not handled yet")
+            if not (hasattr(blk.mlp, "fc1") and hasattr(blk.mlp, "fc2")) or type(blk.mlp).__name__ != "Mlp":
+                _refuse(f"block {i} has a {type(blk.mlp).__name__} MLP, not a plain two-layer MLP")
+        pe = m.patch_embed
+        self.patch_size = tuple(pe.patch_size)
+        self.grid = tuple(pe.grid_size)
+        self.input_size = (pe.proj.in_channels, self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+        self.num_blocks = len(m.blocks)
+        self.num_classes = m.num_classes
+        self.num_heads = m.blocks[0].attn.num_heads
+        cfg = getattr(m, "pretrained_cfg", None) or {}
+        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
+        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+
+    # -- the recorded forward --------------------------------------------------------------
+    def run(self, x: torch.Tensor, record: bool = False) -> Trace:
+        m = self.model
+        tape = Tape(record=record)
+        n_batch = x.shape[0]
+        h = tape.conv_input(x, m.patch_embed.proj)
+        h = tape.move(lambda t: t.flatten(2).transpose(1, 2), h)
+        h = tape.passthrough(m.patch_embed.norm, h)
+        cls = m.cls_token.expand(n_batch, -1, -1)
+        h = tape.move(lambda t: torch.cat([cls, t], dim=1), h)
+        h = tape.add(h, m.pos_embed)
+        h = tape.passthrough(m.norm_pre, h)
+        attentions = []
+        for b, blk in enumerate(m.blocks):
+            h, att = self._block(tape, blk, h, b)
+            attentions.append(att)
+        h = tape.passthrough(m.norm, h)
+        pooled = tape.move(lambda t: t[:, 0], h)
+        pooled = tape.passthrough(m.fc_norm, pooled)
+        logits = tape.linear(pooled, m.head)
+        return Trace(logits=logits, attentions=attentions, tape=tape, input=x)
+
+    def _block(self, tape: Tape, blk, x, b: int):
+        attn = blk.attn
+        n_batch, n_tok, _ = x.shape
+        heads, head_dim = attn.num_heads, attn.head_dim
+        h = tape.passthrough(blk.norm1, x)
+        qkv = tape.linear(h, attn.qkv)
+
+        def part(i):
+            return lambda t: t.reshape(n_batch, n_tok, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[i]
+
+        q = tape.passthrough(attn.q_norm, tape.move(part(0), qkv))
+        k = tape.passthrough(attn.k_norm, tape.move(part(1), qkv))
+        v = tape.move(part(2), qkv)
+        q = tape.passthrough(lambda t: t * attn.scale, q)
+        scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
+        att = tape.passthrough(lambda t: t.softmax(dim=-1), scores)
+        out = tape.matmul(att, v, tag=("attn_value", b))
+        out = tape.move(lambda t: t.transpose(1, 2).reshape(n_batch, n_tok, heads * head_dim), out)
+        out = tape.passthrough(attn.norm, out)
+        out = tape.linear(out, attn.proj)
+        out = tape.passthrough(blk.ls1, out)
+        x = tape.add(x, out)
+        h = tape.passthrough(blk.norm2, x)
+        h = tape.linear(h, blk.mlp.fc1)
+        h = tape.passthrough(blk.mlp.act, h)
+        h = tape.passthrough(blk.mlp.norm, h)
+        h = tape.linear(h, blk.mlp.fc2)
+        h = tape.passthrough(blk.ls2, h)
+        x = tape.add(x, h)
+        return x, att
+
+    # -- token-space operators ---------------------------------------------------------------
+    def readout(self, trace: Trace) -> torch.Tensor:
+        n_batch, n_tok = trace.attentions[-1].shape[0], trace.attentions[-1].shape[-1]
+        v = torch.zeros(n_batch, n_tok, dtype=trace.logits.dtype, device=trace.logits.device)
+        v[:, 0] = 1.0
+        return v
+
+    def mix(self, v, block, mats):
+        return torch.bmm(v.unsqueeze(1), mats).squeeze(1)
+
+    def content_mean(self, row):
+        return row[:, 1:].mean(-1)
+
+    def to_token_map(self, v):
+        return v[:, 1:].reshape(v.shape[0], *self.grid)
