@@ -1,0 +1,113 @@
+"""Load a model by timm name, from a local checkpoint, or one of the embedded models.
+
+A checkpoint is a `.safetensors` file (or a directory holding `model.safetensors`) with a
+`config.json` beside it that carries what timm's pretrained_cfg carries:
+`{"architecture": timm name, "model_kwargs": {...}, "num_classes": int, "input_size": [3, H, W],
+"mean": [...], "std": [...], "class_names": [...]}`. A `.pth`/`.pt` file holding a state dict is
+also accepted for a timm name given with `--arch`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: embedded models shipped with the package: name -> checkpoint directory
+EMBEDDED = {"embedded": ASSETS / "embedded_vit", "embedded-swin": ASSETS / "embedded_swin"}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    name: str
+    mean: tuple
+    std: tuple
+    input_size: tuple
+    class_names: list = field(default_factory=list)
+    source: str = ""
+    weights_hash: str = ""
+
+
+def _hash_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_checkpoint(path: Path) -> LoadedModel:
+    import timm
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    config_path = weights.parent / "config.json"
+    if not weights.exists():
+        raise UserError(f"No checkpoint at {weights}: give a .safetensors file or a directory holding model.safetensors.")
+    if not config_path.exists():
+        raise UserError(f"The checkpoint {weights} has no config.json beside it: write one naming its timm architecture.")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path} is not valid JSON ({err.msg} at line {err.lineno}): fix or regenerate it.") from None
+    if "architecture" not in cfg:
+        raise UserError(f"{config_path} does not name an 'architecture': add the timm model name it was built with.")
+    try:
+        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes", 1000),
+                                  **cfg.get("model_kwargs", {}))
+    except RuntimeError as err:
+        raise UserError(f"timm cannot build {cfg['architecture']!r} from {config_path}: {err}.") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise UserError(f"Cannot read the weights in {weights} ({err}): the file is damaged or not safetensors.") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"The weights in {weights} do not fit {cfg['architecture']} ({len(missing)} missing, {len(unexpected)} unexpected keys): check config.json."
+        )
+    model.eval()
+    input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(cfg.get("mean", (0.5,) * 3)),
+                            "std": tuple(cfg.get("std", (0.5,) * 3)), "input_size": input_size}
+    return LoadedModel(model=model, name=cfg["architecture"], mean=tuple(cfg.get("mean", (0.5,) * 3)),
+                       std=tuple(cfg.get("std", (0.5,) * 3)), input_size=input_size,
+                       class_names=list(cfg.get("class_names", [])), source=str(weights),
+                       weights_hash=_hash_file(weights))
+
+
+def load_model(spec: str | None = "embedded", num_classes: int | None = None, pretrained: bool = False) -> LoadedModel:
+    """`spec`: 'embedded' (default), 'embedded-swin', a timm model name, or a checkpoint path."""
+    import timm
+
+    spec = spec or "embedded"
+    if spec in EMBEDDED:
+        path = EMBEDDED[spec]
+        if not (path / "model.safetensors").exists():
+            raise UserError(f"The embedded model {spec!r} is not built yet: run `python scripts/train_embedded_{'swin' if 'swin' in spec else 'vit'}.py`.")
+        return load_checkpoint(path)
+    p = Path(spec)
+    if p.suffix in (".safetensors",) or p.is_dir():
+        return load_checkpoint(p)
+    if p.suffix in (".pth", ".pt", ".bin"):
+        raise UserError(f"{spec} is a raw PyTorch file: save it as model.safetensors with a config.json naming its timm architecture.")
+    if spec not in timm.list_models():
+        raise UserError(f"Unknown model {spec!r}: give 'embedded', a timm model name (e.g. vit_base_patch16_224) or a checkpoint path.")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except Exception as err:
+        raise UserError(f"Cannot load pretrained weights for {spec!r} ({type(err).__name__}): put them in the local cache or use pretrained=False.") from None
+    model.eval()
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return LoadedModel(model=model, name=spec, mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
+                       input_size=tuple(cfg.get("input_size", (3, 224, 224))), source=f"timm:{spec}",
+                       weights_hash="pretrained" if pretrained else "random-init")
