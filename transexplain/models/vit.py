@@ -67,14 +67,18 @@ class ViTAdapter(EncoderAdapter):
         h = tape.add(h, m.pos_embed)
         h = tape.passthrough(m.norm_pre, h)
         attentions = []
+        ln_stats = []  # per block: (μ_t, σ_t) of norm1's input, (B, N) each (used by ln_stats)
         for b, blk in enumerate(m.blocks):
+            with torch.no_grad():
+                var, mu = torch.var_mean(h.detach(), dim=-1, unbiased=False)
+                ln_stats.append((mu, torch.sqrt(var + getattr(blk.norm1, "eps", 1e-6))))
             h, att = self._block(tape, blk, h, b)
             attentions.append(att)
         h = tape.passthrough(m.norm, h)
         pooled = tape.move(lambda t: t[:, 0], h)
         pooled = tape.passthrough(m.fc_norm, pooled)
         logits = tape.linear(pooled, m.head)
-        return Trace(logits=logits, attentions=attentions, tape=tape, input=x)
+        return Trace(logits=logits, attentions=attentions, tape=tape, input=x, extras={"ln_stats": ln_stats})
 
     def _block(self, tape: Tape, blk, x, b: int):
         attn = blk.attn

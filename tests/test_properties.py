@@ -1,0 +1,77 @@
+"""Properties every explainer must have: batch invariance, determinism, finiteness, class specificity."""
+import pytest
+import torch
+
+import transexplain
+from conftest import make_vit
+from transexplain.explainers import get_method, method_names
+
+METHODS = method_names()
+CLASS_SPECIFIC = [m for m in METHODS if get_method(m).class_specific]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_vit(depth=3, heads=2, dim=16, img=(16, 16), patch=4, classes=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(0)
+    return torch.randn(8, 3, 16, 16, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_invariance(model, batch, method):
+    together = transexplain.explain(model, batch, method)
+    for i in (0, 5):
+        alone = transexplain.explain(model, batch[i:i + 1], method)
+        torch.testing.assert_close(alone.token_map[0], together.token_map[i], rtol=1e-5, atol=1e-5 * together.token_map[i].abs().max().item())
+        torch.testing.assert_close(alone.heatmap[0], together.heatmap[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic(model, batch, method):
+    a = transexplain.explain(model, batch[:3], method)
+    b = transexplain.explain(model, batch[:3], method)
+    assert torch.equal(a.token_map, b.token_map)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_finite_and_normalised_even_on_black_image(method):
+    model = make_vit(depth=2, dtype=torch.float32, seed=1)
+    black = torch.full((2, 3, 16, 16), -1.0)  # 0 in [0, 1] space after 0.5/0.5 normalisation
+    res = transexplain.explain(model, torch.cat([black, torch.randn(1, 3, 16, 16)]), method)
+    assert torch.isfinite(res.token_map).all() and torch.isfinite(res.heatmap).all()
+    assert res.heatmap.min() >= 0 and res.heatmap.max() <= 1
+    assert res.heatmap.shape == (3, 16, 16)
+    # a map either spans [0, 1] or is reported empty (all zeros)
+    for i in range(3):
+        if res.empty[i]:
+            assert res.heatmap[i].abs().max() == 0
+        else:
+            assert res.heatmap[i].max() == pytest.approx(1.0) and res.heatmap[i].min() == 0
+
+
+@pytest.mark.parametrize("method", CLASS_SPECIFIC)
+def test_class_specific(model, batch, method):
+    a = transexplain.explain(model, batch[:2], method, target=0)
+    b = transexplain.explain(model, batch[:2], method, target=3)
+    assert (a.target == 0).all() and (b.target == 3).all()
+    assert not torch.allclose(a.token_map, b.token_map)
+
+
+def test_float32_agrees_with_float64_for_attention_methods(batch):
+    m64 = make_vit(depth=3, seed=2)
+    m32 = make_vit(depth=3, seed=2, dtype=torch.float32)
+    for method in ("raw_attention", "rollout", "gradcam", "generic_attention"):
+        a = transexplain.explain(m64, batch[:2], method).token_map
+        b = transexplain.explain(m32, batch[:2].float(), method).token_map
+        assert b.dtype == torch.float32 and a.dtype == torch.float64
+        torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
+def test_default_target_is_prediction(model, batch):
+    res = transexplain.explain(model, batch, "gradcam")
+    assert torch.equal(res.target, model(batch).argmax(-1))
+    assert torch.equal(res.target, res.logits.argmax(-1))
