@@ -5,6 +5,8 @@ inputs of a node and the relevance of its output, and return one relevance per i
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,21 @@ def _rows_with_relevance(x2: torch.Tensor, r2: torch.Tensor):
     if n_live == r2.shape[0]:
         return None
     return live.nonzero(as_tuple=True)[0]
+
+
+_SPLITS: dict = {}
+
+
+def split_weight(weight: torch.Tensor):
+    """(W⁺, W⁻) of a weight, cached while the weight is unchanged (the split costs a pass over it)."""
+    key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+    hit = _SPLITS.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == key:
+        return hit[2], hit[3]
+    wp, wn = weight.detach().clamp(min=0), weight.detach().clamp(max=0)
+    ident = id(weight)
+    _SPLITS[ident] = (weakref.ref(weight, lambda _ref: _SPLITS.pop(ident, None)), key, wp, wn)
+    return wp, wn
 
 
 class AlphaOneBetaZero:
@@ -45,13 +62,15 @@ class AlphaOneBetaZero:
         return self._dense(x2, weight, r2).reshape(x.shape)
 
     def _dense(self, x, weight, r):
-        wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        zp, zn = F.linear(xp, wp), F.linear(xn, wn)
+        wp, wn = split_weight(weight)
+        xp = x.clamp(min=0)
+        xn = x - xp
         if self.shared:
-            s = safe_divide(r, zp + zn)
-            return xp * (s @ wp) + xn * (s @ wn)
-        return xp * (safe_divide(r, zp) @ wp) + xn * (safe_divide(r, zn) @ wn)
+            # x⁺w⁺ + x⁻w⁻ >= 0, so the stabiliser never meets a zero denominator except where z == 0
+            z = torch.addmm(F.linear(xp, wp), xn, wn.t())
+            s = (r / (z + EPS)).masked_fill_(z == 0, 0)
+            return (s @ wp).mul_(xp).addcmul_(s @ wn, xn)
+        return (safe_divide(r, F.linear(xp, wp)) @ wp).mul_(xp).addcmul_(safe_divide(r, F.linear(xn, wn)) @ wn, xn)
 
 
 class AddProportional:
@@ -133,7 +152,7 @@ class RuleSet:
         if kind == "move":
             return [vjp(node.fn, ins[0], r)]
         if kind == "linear":
-            return [self.linear(ins[0], node.weight.detach(), r)]
+            return [self.linear(ins[0], node.weight, r)]
         if kind == "add":
             return list(self.add(ins[0], ins[1], r))
         if kind == "matmul":
