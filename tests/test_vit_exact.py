@@ -8,11 +8,18 @@ from brute_force import NumpyViT
 from conftest import make_vit
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = make_vit(depth=2, heads=2, dim=8, img=(8, 12), patch=4, classes=4, seed=3)  # 2x3 grid, 7 tokens
+CONFIGS = {
+    "1 block, 2 heads, 4 tokens": dict(depth=1, img=(4, 12)),  # CLS + a 1x3 grid
+    "2 blocks, 2 heads, 7 tokens": dict(depth=2, img=(8, 12)),  # CLS + a 2x3 grid
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def setup(request):
+    cfg = CONFIGS[request.param]
+    model = make_vit(depth=cfg["depth"], heads=2, dim=8, img=cfg["img"], patch=4, classes=4, seed=3)
     torch.manual_seed(1)
-    x = torch.randn(1, 3, 8, 12, dtype=torch.float64)
+    x = torch.randn(1, 3, *cfg["img"], dtype=torch.float64)
     ref = NumpyViT(model)
     img = x[0].numpy()
     logits = ref.forward(img)
@@ -41,7 +48,7 @@ def test_raw_attention_and_rollout(setup):
     att = [blk["att"].mean(0) for blk in acts["blocks"]]
     close(transexplain.explain(model, x, "raw_attention").token_map, att[-1][0, 1:])
     eye = np.eye(att[0].shape[0])
-    for start in (0, 1):
+    for start in range(len(att)):
         joint = eye
         for b in range(start, len(att)):
             m = att[b] + eye
@@ -53,7 +60,7 @@ def test_gradcam_matches_finite_differences(setup):
     model, x, ref, img, target = setup
     _, acts = ref.forward(img, keep=True)
     att = acts["blocks"][-1]["att"]
-    grad = ref.attention_grad(img, target, 1)
+    grad = ref.attention_grad(img, target, ref.depth - 1)
     alpha = grad[:, 0, 1:].mean(-1)
     expected = np.clip((alpha[:, None] * att[:, 0, 1:]).mean(0), 0, None)
     close(transexplain.explain(model, x, "gradcam").token_map, expected, 1e-5)
@@ -74,6 +81,8 @@ def test_generic_attention(setup):
 @pytest.mark.parametrize("start", [0, 1])
 def test_transformer_attribution(setup, start):
     model, x, ref, img, target = setup
+    if start >= ref.depth:
+        pytest.skip("start layer beyond the model's depth")
     att_rel, _ = ref.relevance(img, target, "ours")
     n = att_rel[0].shape[-1]
     joint = np.eye(n)
@@ -89,10 +98,11 @@ def test_transformer_attribution_other_target(setup):
     att_rel, _ = ref.relevance(img, other, "ours")
     n = att_rel[0].shape[-1]
     joint = np.eye(n)
-    for b in range(1, ref.depth):
+    start = min(1, ref.depth - 1)
+    for b in range(start, ref.depth):
         g = ref.attention_grad(img, other, b)
         joint = (np.clip(g * att_rel[b], 0, None).mean(0) + np.eye(n)) @ joint
-    res = transexplain.explain(model, x, "ours", target=other)
+    res = transexplain.explain(model, x, "ours", target=other, start_layer=start)
     assert int(res.target) == other
     close(res.token_map, joint[0, 1:], 1e-5)
 
@@ -108,5 +118,5 @@ def test_full_lrp(setup):
     model, x, ref, img, target = setup
     _, pixels = ref.relevance(img, target, "classic", to_pixels=True)
     res = transexplain.explain(model, x, "full_lrp")
-    assert res.token_map.shape == (1, 8, 12)
+    assert res.token_map.shape == (1, *img.shape[1:])
     close(res.token_map, pixels)
