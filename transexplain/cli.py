@@ -49,6 +49,7 @@ def explain_cmd(
     text: Optional[str] = typer.Option(None, "--text", help="Explain a text with a text classifier instead of images."),
     html: Optional[Path] = typer.Option(None, "--html", help="With --text: also write the coloured words as an HTML page."),
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="With a timm model name: load its pretrained weights from the local cache."),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class."""
     if text is not None:
@@ -60,7 +61,8 @@ def explain_cmd(
         raise UserError("Give at least one image file to explain (or --text \"...\" for a text model).")
     from .visualize import explain_images
 
-    explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop)
+    explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
+                   pretrained=pretrained)
 
 
 def _register_commands():

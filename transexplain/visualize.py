@@ -60,7 +60,7 @@ def _to_display(x: torch.Tensor, mean, std) -> np.ndarray:
     return (x.cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False):
+def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False):
     """The work behind `tx-bench explain IMAGE...`."""
     import matplotlib
 
@@ -71,7 +71,7 @@ def explain_images(paths, model_spec, method, methods, target, out: Path, crop: 
     from .explainers import get_method, method_names
     from .models.loading import load_model
 
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, pretrained=pretrained)
     batch = torch.stack([preprocess(read_rgb_image(p), loaded.input_size, loaded.mean, loaded.std, crop) for p in paths])
     names = loaded.class_names
     out = Path(out)
