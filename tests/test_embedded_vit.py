@@ -1,0 +1,89 @@
+"""The shipped embedded ViT: loads, classifies the shipped validation set, and its TA maps sit on the objects."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import transexplain
+from transexplain.data import shapes
+from transexplain.data.gtsegs import GtSegsDataset
+from transexplain.models.loading import EMBEDDED, load_model
+
+ASSET = EMBEDDED["embedded"]
+pytestmark = pytest.mark.skipif(not (ASSET / "model.safetensors").exists(),
+                                reason="the embedded ViT is not built (scripts/train_embedded_vit.py)")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    return load_model("embedded")
+
+
+def _normalise(u8, loaded):
+    x = torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def test_asset_files():
+    cfg = json.loads((ASSET / "config.json").read_text())
+    assert cfg["architecture"] == "vit_tiny_patch16_224"
+    assert cfg["model_kwargs"]["img_size"] == 112 and cfg["model_kwargs"]["patch_size"] == 8
+    assert cfg["input_size"] == [3, 112, 112] and cfg["mean"] == cfg["std"] == [0.5] * 3
+    assert cfg["class_names"] == shapes.CLASSES and cfg["num_classes"] == 10
+    assert (ASSET / "model.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_structure(loaded):
+    m = loaded.model
+    assert type(m).__name__ == "VisionTransformer"
+    assert m.patch_embed.grid_size == (14, 14) and m.global_pool == "token" and m.cls_token is not None
+    assert loaded.input_size == (3, 112, 112) and loaded.class_names == shapes.CLASSES
+
+
+def test_val_accuracy(loaded):
+    from PIL import Image
+
+    val = Path(shapes.embedded_paths()["val"])
+    classes = sorted(p.name for p in val.iterdir() if p.is_dir())
+    assert classes == loaded.class_names
+    imgs, labels = [], []
+    for k, name in enumerate(classes):
+        for f in sorted((val / name).glob("*.png")):
+            imgs.append(np.asarray(Image.open(f).convert("RGB")))
+            labels.append(k)
+    x, y = _normalise(np.stack(imgs), loaded), torch.tensor(labels)
+    with torch.no_grad():
+        pred = torch.cat([loaded.model(x[s:s + 100]).argmax(1) for s in range(0, len(y), 100)])
+    acc = (pred == y).float().mean().item()
+    assert len(y) == 300 and acc >= 0.95, acc
+
+
+def _inside_outside(loaded, method, n=40):
+    ds = GtSegsDataset(shapes.embedded_paths()["seg"])
+    imgs, masks = zip(*(ds[i][:2] for i in range(n)))
+    x = _normalise(np.stack(imgs), loaded)
+    masks = torch.from_numpy(np.stack(masks)).bool()
+    heat = torch.cat([transexplain.explain(loaded.model, x[s:s + 20], method=method).heatmap
+                      for s in range(0, n, 20)]).float()
+    assert heat.shape == masks.shape and heat.min() >= 0 and heat.max() <= 1
+    inside = (heat * masks).sum((1, 2)) / masks.sum((1, 2))
+    outside = (heat * ~masks).sum((1, 2)) / (~masks).sum((1, 2))
+    return (inside.mean() / outside.mean()).item()
+
+
+def test_transformer_attribution_sits_on_the_object(loaded):
+    ta = _inside_outside(loaded, "transformer_attribution")
+    rnd = _inside_outside(loaded, "random")
+    print(f"inside/outside ratio: transformer_attribution {ta:.2f}, random {rnd:.2f}")
+    assert 0.8 < rnd < 1.25, rnd
+    # measured on the shipped model: TA about 30, random about 1.0
+    assert ta > 3.0 and ta > rnd + 2.0, (ta, rnd)
