@@ -5,6 +5,7 @@ import torch
 
 from .errors import UserError
 from .explainers import Explanation, get_method, normalise_per_sample, upsample
+from .explainers.base import select_target
 from .models import as_adapter
 
 
@@ -43,10 +44,8 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
         raise UserError(f"Method {explainer.name!r} is not defined on {adapter.family}: {reason}.")
     x = adapter.prepare(images) if hasattr(adapter, "prepare") else check_images(adapter, images)
     scores, logits, chosen = explainer.scores(adapter, x, target)
-    if chosen is None:
-        from .explainers.base import select_target
-
-        chosen = select_target(logits, target)
+    # attention-only methods hand back the target as given (None, an int, a list): settle it here
+    chosen = select_target(logits, chosen if torch.is_tensor(chosen) else target)
     scores = torch.nan_to_num(scores.detach(), nan=0.0, posinf=0.0, neginf=0.0)
     if explainer.pixel_level:
         token_map = scores

@@ -1,0 +1,146 @@
+"""TextAdapter: the recorded forward equals Hugging Face's, and every method behaves on text."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,  # noqa: E402
+                          DistilBertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification,
+                          RobertaConfig, RobertaForSequenceClassification)
+
+from transexplain import explain  # noqa: E402
+from transexplain.errors import UserError  # noqa: E402
+from transexplain.lrp import OURS, propagate  # noqa: E402
+from transexplain.models import as_adapter  # noqa: E402
+from transexplain.models.text import TextAdapter, TextBatch, build_minilm_classifier  # noqa: E402
+
+TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+METHODS = ["raw_attention", "rollout", "gradcam", "partial_lrp", "transformer_attribution", "generic_attention", "random"]
+CLASS_SPECIFIC = ["gradcam", "partial_lrp", "transformer_attribution", "generic_attention"]
+
+
+def tiny_bert(num_labels=3, dtype=torch.float64):
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(num_labels=num_labels, **TINY)).eval().to(dtype)
+
+
+def padded_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (3, 9), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 4:] = 0
+    return ids * mask, mask
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+def test_recorded_logits_equal_hf(family):
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(**TINY))
+    elif family == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(**TINY))
+    else:
+        model = ElectraForSequenceClassification(ElectraConfig(embedding_size=16, **TINY))
+    model = model.eval().double()
+    ids, mask = padded_batch()
+    adapter = as_adapter(model)
+    assert isinstance(adapter, TextAdapter)
+    trace = adapter.run(adapter.prepare({"input_ids": ids, "attention_mask": mask}), record=True)
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(trace.logits, ref, atol=1e-12, rtol=0)
+    assert len(trace.attentions) == 2 and trace.attentions[0].shape == (3, 4, 9, 9)
+
+
+def test_minilm_logits_equal_hf():
+    model, tok = build_minilm_classifier()
+    adapter = TextAdapter(model, tok)
+    x = adapter.prepare(["a wonderful film", "the acting is wooden and the plot drags on forever ."])
+    ref = model(input_ids=x.input_ids, attention_mask=x.attention_mask, token_type_ids=x.token_type_ids).logits
+    torch.testing.assert_close(adapter.run(x).logits, ref, atol=1e-5, rtol=1e-5)
+    assert adapter.num_blocks == 6 and adapter.num_heads == 12 and adapter.default_start_layer == 5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_on_text_padding_batch_invariance_determinism(method):
+    model = tiny_bert()
+    adapter = TextAdapter(model)
+    ids, mask = padded_batch()
+    target = torch.tensor([0, 1, 2])
+    e = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method=method, target=target)
+    assert e.token_map.shape == (3, 9) and e.token_map.dtype == torch.float64
+    assert torch.isfinite(e.token_map).all() and torch.isfinite(e.heatmap).all()
+    assert (e.token_map[mask == 0] == 0).all() and (e.heatmap[mask == 0] == 0).all()
+    assert e.heatmap.min() >= 0 and e.heatmap.max() <= 1
+    for i in range(3):
+        n = int(mask[i].sum())
+        one = explain(adapter, {"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}, method=method,
+                      target=target[i:i + 1])
+        torch.testing.assert_close(e.token_map[i, :n], one.token_map[0], atol=1e-5, rtol=0)
+    again = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method=method, target=target)
+    assert torch.equal(e.token_map, again.token_map)
+
+
+@pytest.mark.parametrize("method", CLASS_SPECIFIC)
+def test_class_specific(method):
+    adapter = TextAdapter(tiny_bert())
+    ids, mask = padded_batch()
+    batch = {"input_ids": ids[:1], "attention_mask": mask[:1]}
+    a = explain(adapter, batch, method=method, target=torch.tensor([0])).token_map
+    b = explain(adapter, batch, method=method, target=torch.tensor([2])).token_map
+    assert (a - b).abs().max() > 1e-12
+
+
+def test_ours_rules_conserve_relevance_through_blocks():
+    adapter = TextAdapter(tiny_bert())
+    ids, mask = padded_batch()
+    trace = adapter.run(adapter.prepare({"input_ids": ids, "attention_mask": mask}), record=True)
+    seed = torch.nn.functional.one_hot(torch.tensor([0, 1, 2]), 3).double()
+    checked = {"linear": 0, "add": 0, "matmul": 0}
+
+    def on_node(node, r_out, r_ins):
+        if node.kind not in checked:
+            return
+        total_in = sum(r.sum(dim=tuple(range(1, r.dim()))) for r in r_ins if r is not None)
+        total_out = r_out.sum(dim=tuple(range(1, r_out.dim())))
+        torch.testing.assert_close(total_in, total_out, atol=1e-8, rtol=1e-6)
+        checked[node.kind] += 1
+
+    result = propagate(trace.tape, trace.logits, seed, OURS, on_node=on_node, input_tensor=trace.input)
+    # every block: 6 linear (q, k, v, proj, two MLP), 3 add (mask, two residuals), 2 matmul; head: 2 linear
+    assert checked == {"linear": 2 * 6 + 2, "add": 2 * 3, "matmul": 2 * 2}
+    per_sample = result.input_relevance.sum((1, 2))
+    torch.testing.assert_close(per_sample, torch.ones(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (result.input_relevance[mask == 0] == 0).all()  # padding never gets relevance
+
+
+def test_refusals_and_inputs():
+    adapter = TextAdapter(tiny_bert())
+    with pytest.raises(UserError, match="full_lrp.*not defined"):
+        explain(adapter, {"input_ids": torch.tensor([[2, 7, 9]])}, method="full_lrp")
+    with pytest.raises(UserError, match="no tokenizer"):
+        adapter.prepare(["some text"])
+    with pytest.raises(UserError, match="input_ids"):
+        adapter.prepare(torch.zeros(2, 3))
+    with pytest.raises(UserError, match="out of range"):
+        explain(adapter, {"input_ids": torch.tensor([[2, 7, 9]])}, method="gradcam", target=5)
+    torch.manual_seed(0)
+    distil = DistilBertForSequenceClassification(DistilBertConfig(n_layers=1, dim=32, n_heads=4, hidden_dim=64, vocab_size=100))
+    with pytest.raises(UserError, match="not supported.*DistilBertForSequenceClassification"):
+        as_adapter(distil)
+    batch = adapter.prepare({"input_ids": torch.tensor([[2, 7, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])})
+    assert isinstance(batch, TextBatch) and batch.requires_grad_(False) is batch
+    assert [t.tolist() for t in batch] == [[2, 7, 9]]
+
+
+def test_float32_and_float64_agree_for_attention_methods():
+    m64 = tiny_bert(dtype=torch.float64)
+    m32 = tiny_bert(dtype=torch.float32)
+    ids, mask = padded_batch()
+    for method in ("rollout", "gradcam", "generic_attention", "transformer_attribution"):
+        a = explain(TextAdapter(m64), {"input_ids": ids, "attention_mask": mask}, method=method, target=torch.tensor([0, 1, 2]))
+        b = explain(TextAdapter(m32), {"input_ids": ids, "attention_mask": mask}, method=method, target=torch.tensor([0, 1, 2]))
+        torch.testing.assert_close(a.token_map.float(), b.token_map, atol=1e-4, rtol=1e-3)

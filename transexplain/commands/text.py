@@ -1,0 +1,168 @@
+"""Text commands: `tx-bench eraser` and the `explain --text` back end (`explain_text`)."""
+from __future__ import annotations
+
+import html as html_lib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+
+#: the methods of the paper's ERASER comparison (plus generic attention and the random floor)
+TEXT_METHODS = ("transformer_attribution", "partial_lrp", "gradcam", "rollout", "raw_attention",
+                "generic_attention", "random")
+#: background colours of the terminal (xterm-256), from no relevance to the most relevant word
+_ANSI_SHADES = (231, 194, 157, 120, 83, 46)
+
+
+def _methods(spec: str) -> list:
+    from ..explainers import get_method, method_names
+
+    if spec == "all":
+        return [m for m in TEXT_METHODS if m in method_names()]
+    out = []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        cls = get_method(name)
+        if cls.name == "full_lrp":
+            raise UserError("full_lrp is not defined for text: relevance is not propagated into the embedding layer; use partial_lrp or transformer_attribution.")
+        out.append(cls.name)
+    if not out:
+        raise UserError("Give a method name (see `tx-bench methods`) or 'all'.")
+    return out
+
+
+def _load_examples(data: Optional[str], split: str, limit: Optional[int], strict: bool, quiet: bool):
+    from ..data.eraser import read_eraser, read_hf_movie_rationales
+
+    if data is None:
+        from ..data.reviews import ensure_reviews
+
+        root = ensure_reviews(0)
+        # said even with --quiet: these numbers are not ERASER's
+        typer.echo(f"No --data given: running on the embedded generated reviews ({root}), not on ERASER Movie Reviews.")
+        return read_eraser(root, split, strict=strict, limit=limit), f"embedded:reviews-v1-seed0/{split}"
+    if data in ("hf", "movie_rationales", "hf:movie_rationales"):
+        return read_hf_movie_rationales(split, limit=limit), f"hf:movie_rationales/{split}"
+    return read_eraser(Path(data), split, strict=strict, limit=limit), f"{Path(data).resolve()}/{split}"
+
+
+def register(app: typer.Typer):
+    @app.command("eraser")
+    def eraser_cmd(
+        method: str = typer.Option("all", "--method", help="A method name, a comma list, or 'all'."),
+        data: Optional[str] = typer.Option(None, "--data", help="ERASER 'movies' folder (or 'hf' for the cached movie_rationales); default: the embedded reviews."),
+        model: str = typer.Option("embedded", "--model", help="'embedded', or a local Hugging Face model folder."),
+        split: str = typer.Option("test", "--split", help="train, val or test."),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents."),
+        batch_size: int = typer.Option(8, "--batch-size", help="Documents per batch."),
+        out: Path = typer.Option(Path("eraser_results.h5"), "--out", "-o", help="HDF5 results file (resumed if it exists)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over."),
+        strict: bool = typer.Option(False, "--strict", help="Stop at a malformed jsonl line instead of skipping it."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+        no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
+    ):
+        """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}.")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+        methods = _methods(method)
+        examples, data_desc = _load_examples(data, split, limit, strict, quiet)
+        if not examples:
+            raise UserError(f"No documents in the {split} split of {data_desc}.")
+        import torch
+
+        from ..evaluation.eraser import run_eraser
+        from ..models.text import load_text_model
+
+        torch.manual_seed(0)
+        mdl, tok = load_text_model(model)
+        config = {"methods": methods, "model": model, "data": data_desc, "split": split, "limit": limit,
+                  "documents": len(examples), "faithfulness": not no_faithfulness, "version": "eraser-v1"}
+        sums = run_eraser(examples, mdl, tok, methods, out, config, batch_size=batch_size, overwrite=overwrite,
+                          quiet=quiet, faithfulness=not no_faithfulness)
+        ks = (5, 10, 20, 40, 80)
+        typer.echo(f"ERASER token F1 (instance macro) on {len(examples)} documents of {data_desc}:")
+        typer.echo(f"{'method':26s}" + "".join(f"  k={k:<5d}" for k in ks) + "  IOU-F1   AUPRC   comp    suff")
+        for m, s in sums.items():
+            f1 = dict(zip(s["k"], s["token_f1_macro"]))
+            typer.echo(f"{m:26s}" + "".join(f"  {f1[k]:.4f} " for k in ks)
+                       + f"  {s['iou_f1']:.4f}  {s['auprc']:.4f}  {s['comprehensiveness_aopc']:.4f}  {s['sufficiency_aopc']:.4f}")
+        first = next(iter(sums.values()))
+        if first.get("evidence_tokens_cut"):
+            typer.echo(f"{first['documents_truncated']} documents were truncated to the model's maximum length; "
+                       f"{first['evidence_tokens_cut']} evidence tokens were cut off.")
+        typer.echo(f"Results written to {out}")
+
+
+def word_relevance(text: str, model_spec: str = "embedded", method: str = "transformer_attribution", target=None):
+    """(words, word scores normalised to [0, 1], predicted label, explained label, probabilities)."""
+    import numpy as np
+
+    from ..api import explain
+    from ..evaluation.eraser import word_scores
+    from ..models.text import TextAdapter, load_text_model
+
+    words = text.split()
+    if not words:
+        raise UserError("The text to explain is empty: give some words with --text.")
+    model, tok = load_text_model(model_spec)
+    adapter = TextAdapter(model, tok)
+    max_len = min(adapter.max_length, 512)
+    enc = tok([words], is_split_into_words=True, truncation=True, max_length=max_len, return_tensors="pt",
+              return_special_tokens_mask=True)
+    x = adapter.prepare(enc)
+    if target is not None and not 0 <= int(target) < adapter.num_classes:
+        raise UserError(f"Target class {target} is out of range: the model has {adapter.num_classes} classes (0..{adapter.num_classes - 1}).")
+    import torch
+
+    expl = explain(adapter, x, method=method, target=None if target is None else torch.tensor([int(target)]))
+    ws = word_scores(expl.token_map[0].double().numpy(), x.word_ids[0], x.special_mask[0].numpy(), len(words))
+    ws = np.where(np.isfinite(ws), ws, 0.0)
+    top = ws.max()
+    norm = ws / top if top > 0 else np.zeros_like(ws)
+    names = getattr(model.config, "id2label", None) or {}
+    probs = expl.logits[0].double().softmax(-1).tolist()
+    pred = int(expl.logits[0].argmax())
+    return words, norm, names.get(pred, str(pred)), names.get(int(expl.target[0]), str(int(expl.target[0]))), probs
+
+
+def explain_text(text: str, model: str = "embedded", method: str = "transformer_attribution", target=None, html=None):
+    """Print the words coloured by relevance (ANSI background) and the predicted class; --html writes a page.
+
+    Colours are used on a terminal or with FORCE_COLOR set (never with NO_COLOR); otherwise each word
+    is followed by its score in brackets. Scores are word relevances divided by the largest one.
+    """
+    words, scores, pred, explained, probs = word_relevance(text, model or "embedded", method, target)
+    import os
+    import sys
+
+    colour = sys.stdout.isatty() or bool(os.environ.get("FORCE_COLOR"))
+    if os.environ.get("NO_COLOR"):
+        colour = False
+    parts = []
+    for w, s in zip(words, scores):
+        if colour:
+            shade = _ANSI_SHADES[min(len(_ANSI_SHADES) - 1, int(round(float(s) * (len(_ANSI_SHADES) - 1))))]
+            parts.append(f"\x1b[48;5;{shade}m\x1b[38;5;16m{w}\x1b[0m")
+        else:  # not a terminal: the scores in brackets instead of colours
+            parts.append(f"{w}[{float(s):.2f}]")
+    typer.echo(" ".join(parts), color=colour)
+    p = max(probs)
+    typer.echo(f"predicted class: {pred} (p={p:.3f}); explained class: {explained}; method: {method}")
+    if html is not None:
+        spans = " ".join(
+            f'<span style="background: rgba(0, 170, 0, {float(s):.3f})" title="{float(s):.3f}">{html_lib.escape(w)}</span>'
+            for w, s in zip(words, scores))
+        page = (
+            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>transexplain: text explanation</title></head>\n"
+            f"<body style=\"font-family: sans-serif; line-height: 1.8; max-width: 50em\">\n<p>{spans}</p>\n"
+            f"<p>predicted class: <b>{html_lib.escape(pred)}</b> (p={p:.3f}); explained class: "
+            f"{html_lib.escape(explained)}; method: {html_lib.escape(method)}</p>\n</body></html>\n")
+        Path(html).parent.mkdir(parents=True, exist_ok=True)
+        Path(html).write_text(page, encoding="utf-8")
+        typer.echo(f"wrote {html}")

@@ -1,0 +1,1 @@
+"""Benchmark runners (perturbation, segmentation, ERASER) and their metrics as pure functions."""

@@ -1,0 +1,193 @@
+"""The ImageNet perturbation test: remove the most (positive) or least (negative) relevant pixels.
+
+Protocol (docs: /work/shared/spec/benchmarks.md §1): for p in 0.1..0.9 the top `int(H·W·p)`
+pixels of the upsampled, min-max normalised map are set to black (0 in [0, 1] space, i.e.
+`-mean/std` after normalisation), cumulatively; the score is top-1 accuracy against the
+ground-truth label whatever class was explained. Ties in the map are broken by a stable sort on
+the flat pixel index (row-major): among equal values the lower index is removed first, in both
+tests. The nine masked copies of a whole batch come from one argsort and run through the model
+in large batches; there is no per-image loop on the hot path.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numpy as np
+import torch
+
+from .metrics import PERTURBATION_STEPS, accuracy_curve, perturbation_auc, removal_counts
+
+TESTS = ("positive", "negative")
+TARGETS = ("pred", "true")
+#: test hook: after this many committed batches the runner SIGKILLs itself (resume tests)
+KILL_ENV = "TX_BENCH_KILL_AFTER_BATCH"
+
+
+def removal_masks(heatmaps: torch.Tensor, positive: bool, steps=PERTURBATION_STEPS) -> torch.Tensor:
+    """(B, H, W) maps -> (B, len(steps), H, W) bool, True where a pixel is removed at that step.
+
+    Step k removes the first `int(H·W·p_k)` pixels in removal order: decreasing relevance for the
+    positive test, increasing for the negative one, ties by increasing flat index (stable sort).
+    """
+    b, h, w = heatmaps.shape
+    flat = heatmaps.reshape(b, h * w)
+    order = torch.argsort(flat, dim=1, descending=positive, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w, device=flat.device).expand(b, -1).contiguous())
+    counts = torch.tensor(removal_counts(h * w, steps), device=flat.device)
+    return (rank.unsqueeze(1) < counts.view(1, -1, 1)).reshape(b, len(steps), h, w)
+
+
+def perturbed_copies(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images, (B, S, H, W) masks, (C, 1, 1) fill -> (B·S, C, H, W) masked copies."""
+    b, s = masks.shape[:2]
+    copies = torch.where(masks.unsqueeze(2), fill.to(x).unsqueeze(0).unsqueeze(0), x.unsqueeze(1))
+    return copies.reshape(b * s, *x.shape[1:])
+
+
+@torch.inference_mode()
+def predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Predicted classes of `x`, run in chunks of `batch_size`."""
+    preds = [model(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def perturbation_hits(model, x, heatmaps, labels, fill, positive: bool, forward_batch: int) -> torch.Tensor:
+    """(B, 9) bool: the perturbed image at each step is still classified as its label."""
+    masks = removal_masks(heatmaps.to(x.device), positive)
+    steps = masks.shape[1]
+    hits = []
+    # a slab of whole images at a time keeps memory bounded while each forward stays large
+    images_per_slab = max(1, forward_batch // steps)
+    for i in range(0, len(x), images_per_slab):
+        copies = perturbed_copies(x[i:i + images_per_slab], masks[i:i + images_per_slab], fill)
+        pred = predict(model, copies, forward_batch).view(-1, steps)
+        hits.append(pred == labels[i:i + images_per_slab].view(-1, 1))
+    return torch.cat(hits)
+
+
+def batches(dataset, start: int, stop: int, batch_size: int):
+    """Yield (indices, images, labels, names, skipped) over dataset[start:stop]; undecodable images skipped."""
+    i = start
+    while i < stop:
+        end = min(stop, i + batch_size)
+        images, idx, names, labels, skipped = [], [], [], [], []
+        for j in range(i, end):
+            img = dataset.load(j)
+            if img is None:
+                skipped.append((j, dataset.name(j)))
+                continue
+            images.append(img)
+            idx.append(j)
+            names.append(dataset.name(j))
+            labels.append(dataset.label(j))
+        yield end, idx, images, labels, names, skipped
+        i = end
+
+
+def progress_bar(total: int, initial: int, quiet: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=quiet or not sys.stderr.isatty())
+
+
+def maybe_kill(batches_done: int):
+    """SIGKILL this process after the number of batches named in $TX_BENCH_KILL_AFTER_BATCH (tests)."""
+    limit = os.environ.get(KILL_ENV)
+    if limit and batches_done >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pred",), limit=None,
+                     batch_size: int = 32, forward_batch: int = 256, device: str = "cpu",
+                     save_maps: bool = False, quiet: bool = False) -> dict:
+    """Run the perturbation test for every method, test and target; resume from `store`'s commit.
+
+    loaded: a `LoadedModel`; dataset: an `ImageFolderDataset`; store: a `ResultStore` whose config
+    describes this run. Returns the summaries {"method/target/test": {"curve", "auc", "n"}}.
+    Groups written: `clean` (index, name, label, pred, hit), `<method>/<target>` (target; map
+    when save_maps), `<method>/<target>/<test>` (hits: (N, 10) bool, step 0 = clean image),
+    `skipped` (index, name).
+    """
+    from .. import explain
+    from ..explainers import get_method
+    from ..models import as_adapter
+    from ..data.imagenet import Preprocess
+
+    model = loaded.model.to(device).eval()
+    adapter = as_adapter(model)
+    fill = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std).fill.to(device)
+    stop = len(dataset) if limit is None else min(limit, len(dataset))
+    start = store.position
+    batches_done = 0
+    bar = progress_bar(stop, start, quiet, "perturbation")
+    for end, idx, images, labels, names, skipped in batches(dataset, start, stop, batch_size):
+        rows = {}
+        if skipped:
+            rows["skipped"] = {"index": np.array([s[0] for s in skipped], dtype=np.int64),
+                               "name": np.array([s[1] for s in skipped], dtype=object)}
+        if images:
+            x = torch.stack(images).to(device)
+            y = torch.tensor(labels, dtype=torch.long, device=device)
+            pred = predict(model, x, forward_batch)
+            clean_hit = pred == y
+            rows["clean"] = {"index": np.array(idx, dtype=np.int64), "name": np.array(names, dtype=object),
+                             "label": y.cpu().numpy(), "pred": pred.cpu().numpy(), "hit": clean_hit.cpu().numpy()}
+            for method in methods:
+                class_specific = get_method(method).class_specific
+                pred_maps, pred_hits = None, {}
+                for target in targets:
+                    wanted = pred if target == "pred" else y
+                    if target == "true" and pred_maps is not None:
+                        # where the prediction is right (or the method ignores the class) the
+                        # explanation and so every perturbed forward are the same as for "pred"
+                        redo = (pred != y) if class_specific else torch.zeros_like(y, dtype=torch.bool)
+                        maps = pred_maps.clone()
+                        hits = {test: h.clone() for test, h in pred_hits.items()}
+                        if redo.any():
+                            sub = redo.nonzero().squeeze(1)
+                            maps[sub] = explain(adapter, x[sub], method=method, target=y[sub]).heatmap.to(maps)
+                            for test in tests:
+                                hits[test][sub] = perturbation_hits(model, x[sub], maps[sub], y[sub], fill,
+                                                                    test == "positive", forward_batch)
+                    else:
+                        maps = explain(adapter, x, method=method, target=wanted).heatmap
+                        hits = {test: perturbation_hits(model, x, maps, y, fill, test == "positive", forward_batch)
+                                for test in tests}
+                    if target == "pred":
+                        pred_maps, pred_hits = maps, hits
+                    group = f"{method}/{target}"
+                    rows[group] = {"target": wanted.cpu().numpy()}
+                    if save_maps:
+                        rows[group]["map"] = maps.detach().cpu().numpy().astype(np.float16)
+                    for test in tests:
+                        full = torch.cat([clean_hit.view(-1, 1), hits[test]], dim=1)
+                        rows[f"{group}/{test}"] = {"hits": full.cpu().numpy()}
+        store.write_batch(rows, position=end)
+        batches_done += 1
+        bar.update(end - bar.n)
+        maybe_kill(batches_done)
+    bar.close()
+    return summarise(store, methods, tests, targets)
+
+
+def summarise(store, methods, tests, targets) -> dict:
+    """Curves and AUCs from the stored per-image hits; written as each group's summary."""
+    out = {}
+    for method in methods:
+        for target in targets:
+            for test in tests:
+                group = f"{method}/{target}/{test}"
+                hits = store.read(group, "hits") if store.done(group) else np.zeros((0, 10), dtype=bool)
+                curve = accuracy_curve(hits)
+                summary = {"curve": [float(v) for v in curve], "auc": perturbation_auc(curve), "n": int(len(hits))}
+                store.set_summary(group, summary)
+                out[group] = summary
+    n_clean = store.done("clean")
+    hit = store.read("clean", "hit") if n_clean else np.zeros(0, dtype=bool)
+    skipped = store.read("skipped", "name").tolist() if store.done("skipped") else []
+    store.set_summary("clean", {"accuracy": float(hit.mean()) if len(hit) else float("nan"), "n": int(n_clean),
+                                "skipped": len(skipped), "skipped_names": skipped[:50]})
+    return out
