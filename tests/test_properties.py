@@ -75,3 +75,11 @@ def test_default_target_is_prediction(model, batch):
     res = transexplain.explain(model, batch, "gradcam")
     assert torch.equal(res.target, model(batch).argmax(-1))
     assert torch.equal(res.target, res.logits.argmax(-1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_targets_given_as_int_or_list(model, batch, method):
+    as_list = transexplain.explain(model, batch[:2], method, target=[1, 4])
+    assert as_list.target.tolist() == [1, 4]
+    as_int = transexplain.explain(model, batch[:2], method, target=2)
+    assert as_int.target.tolist() == [2, 2]
