@@ -1,0 +1,208 @@
+"""`tx-bench perturb`, `tx-bench segment` and `tx-bench report`: the image benchmarks and their tables."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+
+PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
+PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
+
+
+def resolve_methods(method: str) -> list:
+    """'all' -> every registered method; a name or comma list -> canonical names (checked)."""
+    from ..explainers import get_method, method_names
+
+    if method == "all":
+        return list(method_names())
+    names = [m.strip() for m in method.split(",") if m.strip()]
+    if not names:
+        raise UserError("Give a method with --method (a name from `tx-bench methods`, or 'all').")
+    return list(dict.fromkeys(get_method(m).name for m in names))
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"Unknown device {device!r}: use cpu or cuda.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but no CUDA GPU is available: use --device cpu.")
+    return device
+
+
+def model_classes(loaded) -> int:
+    from ..models import as_adapter
+
+    return int(as_adapter(loaded.model).num_classes)
+
+
+def common_config(loaded, methods, data, data_source, limit, crop) -> dict:
+    import transexplain
+
+    return {"methods": methods, "model": loaded.name, "model_source": loaded.source,
+            "weights_hash": loaded.weights_hash, "data": str(data), "data_source": data_source, "limit": limit,
+            "crop": bool(crop), "input_size": list(loaded.input_size), "mean": list(loaded.mean),
+            "std": list(loaded.std), "version": transexplain.__version__}
+
+
+def open_store(out: Path, config: dict, overwrite: bool):
+    from ..results import ResultStore
+
+    store = ResultStore(out, config, overwrite=overwrite)
+    return store
+
+
+def finish(store, out: Path, quiet: bool):
+    from ..results.tables import report_text
+
+    store.mark_complete()
+    typer.echo(report_text(out, "markdown"))
+    typer.echo(f"Results written to {out}")
+
+
+def perturb(
+    method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
+    test: str = typer.Option("both", "--test", help="positive (remove most relevant first), negative, or both."),
+    target: str = typer.Option("pred", "--target", help="Explain the predicted class (pred), the ground-truth class (true), or both."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Image folder with one sub-folder per class, or a flat folder with --labels (default: the embedded shapes set)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file of `filename label` lines for a flat image folder."),
+    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm model name, or a checkpoint."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images (class-balanced for class folders)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images explained per batch (x9 perturbed copies each)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
+    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file."),
+    crop: bool = typer.Option(False, "--crop", help="Resize to 256/224 of the input size and center-crop, instead of the paper's plain resize."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """ImageNet perturbation test: accuracy as the most (positive) / least (negative) relevant pixels are removed.
+
+    Steps 10%..90% of the pixels, set to black, cumulative; accuracy against the true label; AUC over
+    [0, 0.9]. Equal map values are removed in increasing pixel index (a stable sort), in both tests.
+    """
+    from ..data.imagenet import ImageFolderDataset, Preprocess
+    from ..evaluation.metrics import PERTURBATION_STEPS
+    from ..evaluation.perturbation import run_perturbation
+    from ..models.loading import load_model
+
+    if test not in PERTURB_TESTS:
+        raise UserError(f"Unknown --test {test!r}: use positive, negative or both.")
+    if target not in PERTURB_TARGETS:
+        raise UserError(f"Unknown --target {target!r}: use pred, true or both.")
+    if labels is not None and data is None:
+        raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
+    methods = resolve_methods(method)
+    device = check_device(device)
+    loaded = load_model(model)
+    source = "user"
+    if data is None:
+        from ..data.shapes import embedded_paths
+
+        data, source = embedded_paths()["val"], "embedded"
+        typer.echo(f"No --data given: using the embedded shapes validation set at {data}.")
+    pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std, crop=crop)
+    try:
+        dataset = ImageFolderDataset(data, pre, labels_file=labels, num_classes=model_classes(loaded),
+                                     class_names=loaded.class_names)
+    except PermissionError:
+        raise UserError(f"Cannot read {data} (permission denied): give a readable image folder.") from None
+    config = {"benchmark": "perturbation", **common_config(loaded, methods, Path(data).resolve(), source, limit, crop),
+              "labels": str(Path(labels).resolve()) if labels else None, "tests": list(PERTURB_TESTS[test]),
+              "targets": list(PERTURB_TARGETS[target]), "steps": list(PERTURBATION_STEPS),
+              "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index"}
+    out = out or Path("results") / f"perturb_{'all' if method == 'all' else '+'.join(methods)}.h5"
+    store = open_store(out, config, overwrite)
+    if store.is_complete:
+        typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
+    else:
+        if store.position and not quiet:
+            typer.echo(f"Resuming {out} at image {store.position}.")
+        run_perturbation(loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target],
+                         limit=limit, batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device,
+                         save_maps=save_maps, quiet=quiet)
+    finish(store, out, quiet)
+
+
+def segment(
+    method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
+    data: Optional[Path] = typer.Option(None, "--data", help="gtsegs_ijcv.mat (MATLAB v7.3) or a file in its layout (default: the embedded shapes set)."),
+    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm model name, or a checkpoint."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
+    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file."),
+    crop: bool = typer.Option(False, "--crop", help="Not used by this benchmark (the protocol resizes image and mask alike); refused."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """ImageNet-Segmentation: pixel accuracy, mIoU and mAP of mean-thresholded maps against object masks."""
+    from ..data.imagenet import Preprocess
+    from ..evaluation.segmentation import SegmentationData, run_segmentation
+    from ..models.loading import load_model
+
+    if crop:
+        raise UserError("--crop does not apply to segment (image and mask are both resized to the model input): drop it.")
+    methods = resolve_methods(method)
+    device = check_device(device)
+    loaded = load_model(model)
+    source = "user"
+    if data is None:
+        from ..data.shapes import embedded_paths
+
+        data, source = embedded_paths()["seg"], "embedded"
+        typer.echo(f"No --data given: using the embedded shapes segmentation set at {data}.")
+    try:
+        seg = SegmentationData(data, Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std))
+    except PermissionError:
+        raise UserError(f"Cannot read {data} (permission denied): give a readable gtsegs_ijcv.mat.") from None
+    config = {"benchmark": "segmentation", **common_config(loaded, methods, Path(data).resolve(), source, limit, False),
+              "target": "pred", "threshold": "mean", "mask_resize": "nearest"}
+    out = out or Path("results") / f"segment_{'all' if method == 'all' else '+'.join(methods)}.h5"
+    store = open_store(out, config, overwrite)
+    if store.is_complete:
+        typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
+    else:
+        if store.position and not quiet:
+            typer.echo(f"Resuming {out} at image {store.position}.")
+        run_segmentation(loaded, seg, store, methods, limit=limit, batch_size=batch_size,
+                         forward_batch=max(256, batch_size), device=device, save_maps=save_maps, quiet=quiet)
+    finish(store, out, quiet)
+
+
+def report(
+    results: Path = typer.Argument(..., help="An HDF5 results file written by perturb, segment or eraser."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown, csv or latex."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the accuracy-vs-removed-fraction curves to this PNG."),
+):
+    """Print a results file as the paper's tables (methods as columns); optionally plot the curves."""
+    from ..results import ResultStore
+
+    store = ResultStore(results)
+    if store.benchmark == "eraser":
+        from ..evaluation import eraser
+
+        typer.echo(eraser.report_text(results, fmt))
+        if plot is not None:
+            eraser.plot(results, plot)
+            typer.echo(f"Plot written to {plot}")
+        return
+    from ..results.tables import report_text
+
+    typer.echo(report_text(results, fmt))
+    if plot is not None:
+        from ..results.plots import plot_curves
+
+        plot_curves(results, plot)
+        typer.echo(f"Plot written to {plot}")
+
+
+def register(app: typer.Typer):
+    app.command("perturb")(perturb)
+    app.command("segment")(segment)
+    app.command("report")(report)

@@ -1,0 +1,317 @@
+"""A resumable HDF5 store for benchmark results: one file per run, rows appended batch by batch.
+
+Layout of a file::
+
+    /                      attrs: benchmark (str), config (JSON str), format_version, complete (bool)
+    /<group>/              attrs: rows (int, committed row count), summary (JSON str, optional)
+    /<group>/<name>        dataset, first axis = one row per example, resizable
+
+How a crash is survived: rows are appended with `write_batch`, which opens the file, grows and
+fills every dataset of the batch, flushes, and only then rewrites one root attribute, `commit`
+(JSON: the run's `position` and every group's row count), and flushes again. The file is closed
+between batches, so a run killed while the model computes (nearly all of its time) leaves a
+clean file; a run killed inside a write leaves rows past the last commit, and reopening the file
+rolls every group back to the commit (the next batch writes over them). So a killed run resumes
+after its last complete batch and ends with the numbers of an uninterrupted run. The root
+`complete` attribute is set by `mark_complete()` only, so a crashed run never looks finished. A
+file HDF5 cannot open is reported as damaged with a hint to use `--overwrite`. (`append` is the
+single-group form, committed by the group's own `rows` attribute.)
+
+The API is generic (no notion of images or texts) so that every benchmark can use it::
+
+    store = ResultStore("results.h5", config, overwrite=False)   # creates, or resumes if config matches
+    start = store.position                                        # where the last committed batch ended
+    store.write_batch({"rollout/positive": {"hits": hits}, "clean": {"label": labels}}, position=end)
+    store.done("rollout/positive"), store.read("rollout/positive", "hits")
+    store.set_summary("rollout/positive", {"auc": 21.3})
+    store.mark_complete()
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def canonical_json(config: dict) -> str:
+    """The config as JSON with sorted keys, so equal configs give equal strings."""
+    return json.dumps(config, sort_keys=True, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _as_storable(rows) -> np.ndarray:
+    array = np.asarray(rows)
+    if array.dtype.kind in ("U", "O"):
+        import h5py
+
+        return np.asarray([str(v) for v in array.reshape(-1)], dtype=object).reshape(array.shape), h5py.string_dtype()
+    return array, array.dtype
+
+
+class ResultStore:
+    """One HDF5 results file. See the module docstring for the layout and the crash guarantees.
+
+    path: the .h5 file. config: what defines the run (method, model, weights hash, data, options,
+    package version); it must contain JSON-serialisable values. A `benchmark` entry (or the
+    `benchmark` argument) becomes the root attribute `benchmark`.
+    An existing file is resumed when its config equals `config`; a different config raises a
+    `UserError` unless `overwrite=True`, which starts the file over.
+    `config=None` opens an existing file read-only (for reports).
+    """
+
+    def __init__(self, path, config: dict | None = None, overwrite: bool = False, benchmark: str | None = None):
+        import h5py
+
+        self.path = Path(path)
+        self.read_only = config is None
+        if self.read_only:
+            if not self.path.exists():
+                raise UserError(f"No results file at {self.path}: run a benchmark first or check the path.")
+            self._check_readable()
+            with self._open("r") as f:
+                self.config = json.loads(f.attrs.get("config", "{}"))
+                self.benchmark = str(f.attrs.get("benchmark", ""))
+            return
+        self.config = json.loads(canonical_json(config))
+        self.benchmark = benchmark or str(self.config.get("benchmark", ""))
+        if overwrite and self.path.exists():
+            self.path.unlink()
+        if not self.path.exists():
+            self._create()
+            return
+        self._check_readable()
+        with h5py.File(self.path, "r") as f:
+            stored = f.attrs.get("config")
+        if stored is None or canonical_json(json.loads(stored)) != canonical_json(self.config):
+            differing = self._differences(json.loads(stored) if stored else {}, self.config)
+            raise UserError(
+                f"{self.path} holds a run with different settings ({differing}): use --overwrite to start over or --out to write elsewhere."
+            )
+        self._rollback()
+
+    # ------------------------------------------------------------------ file handling
+    def _create(self):
+        import h5py
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        # build the empty file beside the target and rename it, so a kill here leaves no half file
+        with h5py.File(tmp, "w") as f:
+            f.attrs["benchmark"] = self.benchmark
+            f.attrs["config"] = canonical_json(self.config)
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["complete"] = False
+        os.replace(tmp, self.path)
+
+    def _check_readable(self):
+        import h5py
+
+        try:
+            with h5py.File(self.path, "r") as f:
+                if "config" not in f.attrs:
+                    raise UserError(f"{self.path} is not a transexplain results file: use --overwrite to replace it or --out to write elsewhere.")
+        except OSError:
+            raise UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.") from None
+
+    def _open(self, mode: str):
+        import h5py
+
+        try:
+            return h5py.File(self.path, mode)
+        except OSError:
+            raise UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.") from None
+
+    @staticmethod
+    def _differences(old: dict, new: dict) -> str:
+        keys = sorted(set(old) | set(new))
+        diffs = [f"{k}: {old.get(k)!r} in the file vs {new.get(k)!r} now" for k in keys
+                 if canonical_json({"v": old.get(k)}) != canonical_json({"v": new.get(k)})]
+        return "; ".join(diffs[:3]) or "unreadable config"
+
+    # ------------------------------------------------------------------ rows
+    def done(self, group: str) -> int:
+        """Rows committed so far in `group` (0 when the group does not exist)."""
+        with self._open("r") as f:
+            return self._rows(f, group)
+
+    @staticmethod
+    def _rows(f, group: str) -> int:
+        """Committed rows of `group`: the write_batch commit when there is one, else the group's own count."""
+        if "commit" in f.attrs:
+            return int(json.loads(f.attrs["commit"])["rows"].get(group, 0))
+        return int(f[group].attrs.get("rows", 0)) if group in f else 0
+
+    def groups(self) -> list[str]:
+        """Top-level group names, in creation order is not guaranteed: sorted."""
+        with self._open("r") as f:
+            return sorted(f.keys())
+
+    def subgroups(self, group: str) -> list[str]:
+        """Names of the groups directly under `group`."""
+        import h5py
+
+        with self._open("r") as f:
+            if group not in f:
+                return []
+            return sorted(k for k, v in f[group].items() if isinstance(v, h5py.Group))
+
+    def names(self, group: str) -> list[str]:
+        """Dataset names directly under `group`."""
+        import h5py
+
+        with self._open("r") as f:
+            if group not in f:
+                return []
+            return sorted(k for k, v in f[group].items() if isinstance(v, h5py.Dataset))
+
+    def append(self, group: str, rows: dict) -> int:
+        """Append one batch: `rows` maps dataset name -> array whose first axis is the batch.
+
+        Every array must have the same length. Returns the committed row count afterwards.
+        """
+        self._writable()
+        with self._open("a") as f:
+            n = self._append(f, group, rows)
+            if "commit" in f.attrs:  # keep a write_batch commit in step, or a reopen would roll this back
+                commit = json.loads(f.attrs["commit"])
+                commit["rows"][group] = n
+                f.flush()
+                f.attrs["commit"] = json.dumps(commit, sort_keys=True)
+            f.flush()
+        return n
+
+    def write_batch(self, rows_by_group: dict, position: int):
+        """Append one batch to several groups at once and commit it with the run's `position`.
+
+        rows_by_group: {group: {name: rows}}; position: where the next batch starts (e.g. the
+        index of the next input). The commit (root attribute `commit`, one JSON string holding
+        `position` and every group's row count) is written last, so a kill before it leaves the
+        previous commit in force: reopening the file rolls every group back to it.
+        """
+        self._writable()
+        with self._open("a") as f:
+            commit = json.loads(f.attrs.get("commit", '{"position": 0, "rows": {}}'))
+            for group, rows in rows_by_group.items():
+                commit["rows"][group] = self._append(f, group, rows)
+            commit["position"] = int(position)
+            f.flush()
+            f.attrs["commit"] = json.dumps(commit, sort_keys=True)  # the commit point
+            f.flush()
+
+    @property
+    def position(self) -> int:
+        """The `position` of the last committed `write_batch` (0 when none)."""
+        with self._open("r") as f:
+            return int(json.loads(f.attrs.get("commit", '{"position": 0}'))["position"])
+
+    def _rollback(self):
+        """Undo rows written after the last `write_batch` commit (a batch a kill cut short)."""
+        import h5py
+
+        with self._open("r") as f:
+            if "commit" not in f.attrs:
+                return
+            committed = json.loads(f.attrs["commit"])["rows"]
+            stale = []
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Group) and "rows" in obj.attrs and int(obj.attrs["rows"]) != committed.get(name, 0):
+                    stale.append(name)
+
+            f.visititems(visit)
+        if stale:
+            with self._open("a") as f:
+                for name in stale:
+                    f[name].attrs["rows"] = committed.get(name, 0)
+                f.flush()
+
+    def _writable(self):
+        if self.read_only:
+            raise RuntimeError("this ResultStore was opened read-only")
+
+    @staticmethod
+    def _append(f, group: str, rows: dict) -> int:
+        arrays = {name: _as_storable(value) for name, value in rows.items()}
+        lengths = {a.shape[0] if a.ndim else -1 for a, _ in arrays.values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise ValueError(f"append({group!r}) needs arrays with one common first axis, got lengths {sorted(lengths)}")
+        n = lengths.pop()
+        g = f.require_group(group)
+        start = int(g.attrs.get("rows", 0))
+        for name, (array, dtype) in arrays.items():
+            if name in g:
+                ds = g[name]
+                if ds.shape[1:] != array.shape[1:]:
+                    raise ValueError(f"{group}/{name}: rows of shape {array.shape[1:]} do not fit {ds.shape[1:]}")
+            else:
+                row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * max(1, array.dtype.itemsize)
+                chunk_rows = max(1, min(4096, (1 << 20) // max(1, row_bytes)))
+                ds = g.create_dataset(name, shape=(0,) + array.shape[1:], maxshape=(None,) + array.shape[1:],
+                                      dtype=dtype, chunks=(chunk_rows,) + array.shape[1:])
+            # rows past `start` come from a batch that a kill cut short: write over them
+            ds.resize(start + n, axis=0)
+            if n:
+                ds[start:start + n] = array
+        g.attrs["rows"] = start + n  # the group's commit point
+        return start + n
+
+    def read(self, group: str, name: str) -> np.ndarray:
+        """The committed rows of `group/name` (strings come back as Python str)."""
+        with self._open("r") as f:
+            if group not in f or name not in f[group]:
+                raise KeyError(f"{self.path} has no dataset {group}/{name}")
+            data = f[group][name][: self._rows(f, group)]
+        if data.dtype.kind in ("O", "S"):
+            data = np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in data.reshape(-1)], dtype=object).reshape(data.shape)
+        return data
+
+    # ------------------------------------------------------------------ summaries and completion
+    def set_summary(self, group: str, summary: dict):
+        """Store a JSON-serialisable dict of summary numbers (curves as lists) on `group`."""
+        with self._open("a") as f:
+            g = f.require_group(group)
+            g.attrs["summary"] = canonical_json(summary)
+            f.flush()
+
+    def summary(self, group: str) -> dict:
+        """The dict given to `set_summary` ({} when none)."""
+        with self._open("r") as f:
+            if group not in f:
+                return {}
+            return json.loads(f[group].attrs.get("summary", "{}"))
+
+    def set_attr(self, name: str, value):
+        """Set one extra root attribute (a str, number or bool)."""
+        with self._open("a") as f:
+            f.attrs[name] = value
+            f.flush()
+
+    def attr(self, name: str, default=None):
+        with self._open("r") as f:
+            value = f.attrs.get(name, default)
+        return value.item() if isinstance(value, np.generic) else value
+
+    def mark_complete(self):
+        """Declare the run finished; only now does the file count as a complete result."""
+        self.set_attr("complete", True)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.attr("complete", False))
