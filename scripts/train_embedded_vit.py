@@ -1,6 +1,6 @@
 """Train the embedded ViT on the procedural "shapes" set and save it to transexplain/assets/embedded_vit.
 
-    python scripts/train_embedded_vit.py [--train 6000] [--epochs 4] [--token-aux 1.0] [--out DIR]
+    python scripts/train_embedded_vit.py [--train 6000] [--epochs 4] [--token-aux 0.0] [--out DIR]
 
 A small timm VisionTransformer (patch 8 on 112x112 images: a 14x14 grid plus the CLS token,
 class-token pooling, mean = std = 0.5). The training images come from the shapes generator with a
@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 beats 2 on a shared 2-core machine)")
-    ap.add_argument("--token-aux", type=float, default=1.0,
+    ap.add_argument("--token-aux", type=float, default=0.0,
                     help="weight of an auxiliary per-patch label loss (speeds up learning; the head is not saved)")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (model.safetensors)")
     ap.add_argument("--out", type=Path, default=ROOT / "transexplain" / "assets" / "embedded_vit")
