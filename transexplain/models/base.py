@@ -65,3 +65,17 @@ class EncoderAdapter:
     def identity_like(self, mats: torch.Tensor) -> torch.Tensor:
         n = mats.shape[-1]
         return torch.eye(n, dtype=mats.dtype, device=mats.device).expand_as(mats)
+
+
+class ClassTokenReadout:
+    """Readout and mixing for encoders whose classifier reads token 0 (ViT's CLS, BERT's [CLS])
+    and whose attention is one dense (B, N, N) matrix per block."""
+
+    def readout(self, trace: Trace) -> torch.Tensor:
+        n_batch, n_tok = trace.attentions[-1].shape[0], trace.attentions[-1].shape[-1]
+        v = torch.zeros(n_batch, n_tok, dtype=trace.logits.dtype, device=trace.logits.device)
+        v[:, 0] = 1.0
+        return v
+
+    def mix(self, v, block, mats):
+        return torch.bmm(v.unsqueeze(1), mats).squeeze(1)

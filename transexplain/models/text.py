@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..lrp import Tape
-from .base import EncoderAdapter, Trace
+from .base import ClassTokenReadout, EncoderAdapter, Trace
 
 SUPPORTED_TEXT = "BertForSequenceClassification, RobertaForSequenceClassification, ElectraForSequenceClassification"
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_text"
@@ -70,7 +70,7 @@ def _refuse(why: str):
     raise UserError(f"This text model is not supported: {why}. Supported text models: {SUPPORTED_TEXT}.")
 
 
-class TextAdapter(EncoderAdapter):
+class TextAdapter(ClassTokenReadout, EncoderAdapter):
     family = "bert"
     default_row_normalize = True
     gradcam_full_matrix = True
@@ -227,15 +227,6 @@ class TextAdapter(EncoderAdapter):
         return tape.linear(z, head.out_proj)
 
     # -- token-space operators ------------------------------------------------------------------
-    def readout(self, trace: Trace) -> torch.Tensor:
-        n_batch, n_tok = trace.attentions[-1].shape[0], trace.attentions[-1].shape[-1]
-        v = torch.zeros(n_batch, n_tok, dtype=trace.logits.dtype, device=trace.logits.device)
-        v[:, 0] = 1.0
-        return v
-
-    def mix(self, v, block, mats):
-        return torch.bmm(v.unsqueeze(1), mats).squeeze(1)
-
     def _valid(self, like: torch.Tensor) -> torch.Tensor:
         if self._mask is None or self._mask.shape != like.shape[:2]:
             return torch.ones(like.shape[:2], dtype=like.dtype, device=like.device)

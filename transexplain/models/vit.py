@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..lrp import Tape
-from .base import EncoderAdapter, Trace
+from .base import ClassTokenReadout, EncoderAdapter, Trace
 
 SUPPORTED = "timm VisionTransformer / DeiT with one class token, timm SwinTransformer, Hugging Face BERT-family classifiers"
 
@@ -19,7 +19,7 @@ def _refuse(why: str):
     raise UserError(f"This model is not supported: {why}. Supported architectures: {SUPPORTED}.")
 
 
-class ViTAdapter(EncoderAdapter):
+class ViTAdapter(ClassTokenReadout, EncoderAdapter):
     family = "vit"
     default_start_layer = 1
     default_row_normalize = False
@@ -112,15 +112,6 @@ class ViTAdapter(EncoderAdapter):
         return x, att
 
     # -- token-space operators ---------------------------------------------------------------
-    def readout(self, trace: Trace) -> torch.Tensor:
-        n_batch, n_tok = trace.attentions[-1].shape[0], trace.attentions[-1].shape[-1]
-        v = torch.zeros(n_batch, n_tok, dtype=trace.logits.dtype, device=trace.logits.device)
-        v[:, 0] = 1.0
-        return v
-
-    def mix(self, v, block, mats):
-        return torch.bmm(v.unsqueeze(1), mats).squeeze(1)
-
     def content_mean(self, row):
         return row[:, 1:].mean(-1)
 
