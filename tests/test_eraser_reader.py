@@ -124,3 +124,31 @@ def test_ensure_reviews_uses_cache_env(tmp_path, monkeypatch):
     assert len(read_eraser(root, "test")) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["reviews-v1-seed0"]  # no temporary folder left
     assert reviews.ensure_reviews(0) == root  # second use: no regeneration
+
+
+def test_hf_movie_rationales_rows_become_examples(monkeypatch):
+    """The cached-dataset path: evidence strings are located in the review's whitespace tokens."""
+    import datasets
+
+    from transexplain.data.eraser import read_hf_movie_rationales
+
+    rows = {
+        "review": ["the plot is thin but the acting is superb and moving", "a dull , lifeless film"],
+        "label": [1, 0],
+        "evidences": [["acting is superb", "moving"], ["dull , lifeless"]],
+    }
+    calls = []
+
+    def fake_load(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    examples = read_hf_movie_rationales("val")
+    assert calls == [("movie_rationales", "validation")]
+    assert [e.label for e in examples] == [1, 0]
+    first = examples[0]
+    # "acting is superb" starts at word 6 of the review, "moving" is word 10
+    assert [(ev.start_token, ev.end_token) for ev in first.evidences] == [(6, 9), (10, 11)]
+    assert [(ev.start_token, ev.end_token) for ev in examples[1].evidences] == [(1, 4)]
+    assert len(read_hf_movie_rationales("test", limit=1)) == 1
