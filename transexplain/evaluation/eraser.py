@@ -20,6 +20,8 @@ Metrics (all in [0, 1]):
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 K_VALUES = tuple(range(5, 85, 5))
@@ -275,7 +277,7 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
     summaries = {}
     for method in methods:
         start = store.done(method)
-        bar = tqdm(total=len(examples), initial=start, desc=method, disable=quiet, leave=False)
+        bar = tqdm(total=len(examples), initial=start, desc=method, disable=quiet or not sys.stderr.isatty(), leave=False)
         for i in range(start, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             store.append(method, evaluate_batch(adapter, tokenizer, chunk, method, max_length, rationale_k, faithfulness))
