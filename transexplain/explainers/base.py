@@ -84,8 +84,6 @@ class Explainer:
     description: str = ""
     class_specific: bool = False
     pixel_level: bool = False
-    #: does the method need the gradient of the target logit (so a backward pass)?
-    needs_gradients: bool = False
 
     def __init__(self, **options):
         unknown = set(options) - set(self.defaults())

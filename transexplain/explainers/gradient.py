@@ -11,10 +11,9 @@ class GradCAM(Explainer):
     name = "gradcam"
     description = "GradCAM on the last attention layer: heads weighted by their mean gradient, then ReLU."
     class_specific = True
-    needs_gradients = True
 
     def scores(self, adapter, x, target):
-        trace = adapter.run(x.requires_grad_(False))
+        trace = adapter.run(x)
         target = select_target(trace.logits, target)
         last = len(trace.attentions) - 1
         att = trace.attentions[last]
@@ -38,7 +37,6 @@ class GenericAttention(Explainer):
     name = "generic_attention"
     description = "Generic attention explainability (Chefer et al. ICCV 2021): R += mean-head (∇A⊙A)⁺ R."
     class_specific = True
-    needs_gradients = True
 
     def scores(self, adapter, x, target):
         trace = adapter.run(x)

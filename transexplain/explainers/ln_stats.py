@@ -59,7 +59,6 @@ class LNStats(Explainer):
     name = "ln_stats"
     description = "Transformer Attribution with each block's matrix weighted by LayerNorm token statistics (μ, σ)."
     class_specific = True
-    needs_gradients = True
 
     @classmethod
     def defaults(cls):

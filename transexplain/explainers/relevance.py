@@ -36,7 +36,6 @@ class TransformerAttribution(Explainer):
     aliases = ("ours",)
     description = "Transformer Attribution (Chefer et al. CVPR 2021): rollout of mean-head (∇A ⊙ R)⁺ + I."
     class_specific = True
-    needs_gradients = True
 
     @classmethod
     def defaults(cls):
@@ -71,7 +70,6 @@ class PartialLRP(Explainer):
     name = "partial_lrp"
     description = "Partial LRP (Voita et al. 2019): mean-head positive relevance of the last attention map."
     class_specific = True
-    needs_gradients = False
 
     @classmethod
     def defaults(cls):

@@ -35,7 +35,6 @@ class Node:
     out: torch.Tensor
     fn: Callable | None = None  # for "move": the index op itself (relevance follows it backwards)
     module: torch.nn.Module | None = None  # for "linear" and "conv_input"
-    weight: torch.Tensor | None = None
     tag: tuple | None = None  # e.g. ("attn_value", block) on the A·V product
 
 
@@ -52,7 +51,7 @@ class Tape:
         return node.out
 
     def linear(self, x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
-        return self._push(Node("linear", [x], module(x), module=module, weight=module.weight))
+        return self._push(Node("linear", [x], module(x), module=module))
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Residual or bias-like addition; a constant `b` is broadcast to `a`'s shape first."""
@@ -80,7 +79,7 @@ class Tape:
 
     def conv_input(self, x: torch.Tensor, module: torch.nn.Conv2d) -> torch.Tensor:
         """The patch-embedding convolution on the pixels (z^B rule, bounded by the image's range)."""
-        return self._push(Node("conv_input", [x], module(x), module=module, weight=module.weight))
+        return self._push(Node("conv_input", [x], module(x), module=module))
 
 
 def vjp(fn: Callable, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

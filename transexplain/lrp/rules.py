@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .core import EPS, Node, per_sample_sum, safe_divide, vjp
 
 
-def _rows_with_relevance(x2: torch.Tensor, r2: torch.Tensor):
+def _rows_with_relevance(r2: torch.Tensor):
     """Rows of a flattened (rows, features) pair that carry relevance; the rest give exact zeros.
 
     In the last block only the CLS row carries relevance, so this skips most of its MLP.
@@ -53,7 +53,7 @@ class AlphaOneBetaZero:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         r2 = r.reshape(-1, r.shape[-1])
-        rows = _rows_with_relevance(x2, r2)
+        rows = _rows_with_relevance(r2)
         if rows is not None:
             out = torch.zeros_like(x2)
             if rows.numel():
@@ -152,7 +152,7 @@ class RuleSet:
         if kind == "move":
             return [vjp(node.fn, ins[0], r)]
         if kind == "linear":
-            return [self.linear(ins[0], node.weight, r)]
+            return [self.linear(ins[0], node.module.weight, r)]
         if kind == "add":
             return list(self.add(ins[0], ins[1], r))
         if kind == "matmul":
