@@ -49,11 +49,29 @@ def common_config(loaded, methods, data, data_source, limit, crop) -> dict:
             "std": list(loaded.std), "version": transexplain.__version__}
 
 
-def open_store(out: Path, config: dict, overwrite: bool):
+def embedded_default(data, key: str, what: str):
+    """(data, source): the user's path, or the embedded shapes set's `key` file, said in one line."""
+    if data is not None:
+        return data, "user"
+    from ..data.shapes import embedded_paths
+
+    data = embedded_paths()[key]
+    typer.echo(f"No --data given: using the embedded shapes {what} at {data}.")
+    return data, "embedded"
+
+
+def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run):
+    """Open the results file, run (or resume) into it unless it is complete, then print the table."""
     from ..results import ResultStore
 
     store = ResultStore(out, config, overwrite=overwrite)
-    return store
+    if store.is_complete:
+        typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
+    else:
+        if store.position and not quiet:
+            typer.echo(f"Resuming {out} at image {store.position}.")
+        run(store)
+    finish(store, out, quiet)
 
 
 def finish(store, out: Path, quiet: bool):
@@ -99,12 +117,7 @@ def perturb(
     methods = resolve_methods(method)
     device = check_device(device)
     loaded = load_model(model)
-    source = "user"
-    if data is None:
-        from ..data.shapes import embedded_paths
-
-        data, source = embedded_paths()["val"], "embedded"
-        typer.echo(f"No --data given: using the embedded shapes validation set at {data}.")
+    data, source = embedded_default(data, "val", "validation set")
     pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std, crop=crop)
     try:
         dataset = ImageFolderDataset(data, pre, labels_file=labels, num_classes=model_classes(loaded),
@@ -116,16 +129,9 @@ def perturb(
               "targets": list(PERTURB_TARGETS[target]), "steps": list(PERTURBATION_STEPS),
               "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index"}
     out = out or Path("results") / f"perturb_{'all' if method == 'all' else '+'.join(methods)}.h5"
-    store = open_store(out, config, overwrite)
-    if store.is_complete:
-        typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
-    else:
-        if store.position and not quiet:
-            typer.echo(f"Resuming {out} at image {store.position}.")
-        run_perturbation(loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target],
-                         limit=limit, batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device,
-                         save_maps=save_maps, quiet=quiet)
-    finish(store, out, quiet)
+    run_resumable(out, config, overwrite, quiet, lambda store: run_perturbation(
+        loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
+        batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet))
 
 
 def segment(
@@ -151,12 +157,7 @@ def segment(
     methods = resolve_methods(method)
     device = check_device(device)
     loaded = load_model(model)
-    source = "user"
-    if data is None:
-        from ..data.shapes import embedded_paths
-
-        data, source = embedded_paths()["seg"], "embedded"
-        typer.echo(f"No --data given: using the embedded shapes segmentation set at {data}.")
+    data, source = embedded_default(data, "seg", "segmentation set")
     try:
         seg = SegmentationData(data, Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std))
     except PermissionError:
@@ -164,15 +165,9 @@ def segment(
     config = {"benchmark": "segmentation", **common_config(loaded, methods, Path(data).resolve(), source, limit, False),
               "target": "pred", "threshold": "mean", "mask_resize": "nearest"}
     out = out or Path("results") / f"segment_{'all' if method == 'all' else '+'.join(methods)}.h5"
-    store = open_store(out, config, overwrite)
-    if store.is_complete:
-        typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
-    else:
-        if store.position and not quiet:
-            typer.echo(f"Resuming {out} at image {store.position}.")
-        run_segmentation(loaded, seg, store, methods, limit=limit, batch_size=batch_size,
-                         forward_batch=max(256, batch_size), device=device, save_maps=save_maps, quiet=quiet)
-    finish(store, out, quiet)
+    run_resumable(out, config, overwrite, quiet, lambda store: run_segmentation(
+        loaded, seg, store, methods, limit=limit, batch_size=batch_size, forward_batch=max(256, batch_size),
+        device=device, save_maps=save_maps, quiet=quiet))
 
 
 def report(
