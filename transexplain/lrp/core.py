@@ -30,11 +30,11 @@ def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
 class Node:
     """One recorded op: its kind decides which rule propagates relevance through it."""
 
-    kind: str  # "linear" | "add" | "matmul" | "pass" | "move" | "pool_mean" | "conv_input"
+    kind: str  # "linear" | "add" | "matmul" | "pass" | "move" | "pool_mean" | "conv_input" | "conv"
     inputs: list[torch.Tensor]
     out: torch.Tensor
     fn: Callable | None = None  # for "move": the index op itself (relevance follows it backwards)
-    module: torch.nn.Module | None = None  # for "linear" and "conv_input"
+    module: torch.nn.Module | None = None  # for "linear", "conv_input" and "conv"
     tag: tuple | None = None  # e.g. ("attn_value", block) on the A·V product
 
 
@@ -80,6 +80,10 @@ class Tape:
     def conv_input(self, x: torch.Tensor, module: torch.nn.Conv2d) -> torch.Tensor:
         """The patch-embedding convolution on the pixels (z^B rule, bounded by the image's range)."""
         return self._push(Node("conv_input", [x], module(x), module=module))
+
+    def conv(self, x: torch.Tensor, module: torch.nn.Conv2d) -> torch.Tensor:
+        """A convolution on features (a conv stem's inner layers): propagated like a linear layer."""
+        return self._push(Node("conv", [x], module(x), module=module))
 
 
 def vjp(fn: Callable, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,30 @@ class AlphaOneBetaZero:
         return (safe_divide(r, F.linear(xp, wp)) @ wp).mul_(xp).addcmul_(safe_divide(r, F.linear(xn, wn)) @ wn, xn)
 
 
+class ConvAlphaOneBetaZero:
+    """The α=1, β=0 rule of `AlphaOneBetaZero` for a Conv2d: every output position is a linear
+    layer over its receptive field, and the transpose convolution gathers the shares back."""
+
+    def __init__(self, shared: bool):
+        self.shared = shared
+
+    def __call__(self, x: torch.Tensor, conv: torch.nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
+        wp, wn = split_weight(conv.weight)
+        kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+        xp = x.clamp(min=0)
+        xn = x - xp
+
+        def back(weight, s):
+            return torch.nn.grad.conv2d_input(x.shape, weight, s, **kw)
+
+        zp, zn = F.conv2d(xp, wp, **kw), F.conv2d(xn, wn, **kw)
+        if self.shared:
+            z = zp + zn
+            s = (r / (z + EPS)).masked_fill_(z == 0, 0)
+            return xp * back(wp, s) + xn * back(wn, s)
+        return xp * back(wp, safe_divide(r, zp)) + xn * back(wn, safe_divide(r, zn))
+
+
 class AddProportional:
     """z = a + b: each operand gets its share a·R/z, b·R/z.
 
@@ -136,9 +160,10 @@ class ZBox:
 class RuleSet:
     """Which rule each kind of recorded node gets."""
 
-    def __init__(self, name: str, linear, add):
+    def __init__(self, name: str, linear, add, conv):
         self.name = name
         self.linear = linear
+        self.conv = conv
         self.add = add
         self.bilinear = BilinearHalved()
         self.pool = MeanPoolAlphaOne()
@@ -161,12 +186,14 @@ class RuleSet:
             return [self.pool(ins[0], node.fn, r)]
         if kind == "conv_input":
             return [self.zbox(ins[0], node.module, r)]
+        if kind == "conv":
+            return [self.conv(ins[0], node.module, r)]
         raise ValueError(f"no LRP rule for recorded op kind {kind!r}")
 
     def __repr__(self):
         return f"RuleSet({self.name})"
 
 
-OURS = RuleSet("ours", AlphaOneBetaZero(shared=True), AddProportional(rescale=True))
-CLASSIC = RuleSet("classic", AlphaOneBetaZero(shared=False), AddProportional(rescale=False))
+OURS = RuleSet("ours", AlphaOneBetaZero(shared=True), AddProportional(rescale=True), ConvAlphaOneBetaZero(shared=True))
+CLASSIC = RuleSet("classic", AlphaOneBetaZero(shared=False), AddProportional(rescale=False), ConvAlphaOneBetaZero(shared=False))
 RULE_SETS = {"ours": OURS, "classic": CLASSIC}

@@ -3,8 +3,9 @@
 A checkpoint is a `.safetensors` file (or a directory holding `model.safetensors`) with a
 `config.json` beside it that carries what timm's pretrained_cfg carries:
 `{"architecture": timm name, "model_kwargs": {...}, "num_classes": int, "input_size": [3, H, W],
-"mean": [...], "std": [...], "class_names": [...]}`. A `.pth`/`.pt` file holding a state dict is
-also accepted for a timm name given with `--arch`.
+"mean": [...], "std": [...], "class_names": [...]}`, optionally with `"conv_stem": [channels...]`
+for a ViT whose patch embedding is a convolutional stem (see `add_conv_stem`). A `.pth`/`.pt` file
+holding a state dict is also accepted for a timm name given with `--arch`.
 """
 from __future__ import annotations
 
@@ -43,8 +44,38 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_checkpoint(path: Path) -> LoadedModel:
+def add_conv_stem(model: torch.nn.Module, channels) -> torch.nn.Module:
+    """Replace a timm ViT's patch-embedding convolution by a convolutional stem ("early
+    convolutions", Xiao et al. 2021): 3x3 stride-2 convolutions with BatchNorm and ReLU, one per
+    entry of `channels`, then a 1x1 convolution to the embedding width. The stem's total stride
+    must equal the patch size, so the token grid is unchanged."""
+    import torch.nn as nn
+
+    pe = model.patch_embed
+    patch = pe.patch_size[0]
+    if 2 ** len(channels) != patch or pe.patch_size[0] != pe.patch_size[1]:
+        raise UserError(f"A conv stem of {len(channels)} stride-2 layers does not fit patch size {tuple(pe.patch_size)}: use log2(patch) layers.")
+    layers, c_in = [], pe.proj.in_channels
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        c_in = c
+    layers.append(nn.Conv2d(c_in, pe.proj.out_channels, 1))
+    pe.proj = nn.Sequential(*layers)
+    return model
+
+
+def build_timm(cfg: dict) -> torch.nn.Module:
+    """The model a checkpoint's config.json describes (timm architecture, kwargs, optional conv stem)."""
     import timm
+
+    model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes", 1000),
+                              **cfg.get("model_kwargs", {}))
+    if cfg.get("conv_stem"):
+        add_conv_stem(model, cfg["conv_stem"])
+    return model
+
+
+def load_checkpoint(path: Path) -> LoadedModel:
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -61,8 +92,7 @@ def load_checkpoint(path: Path) -> LoadedModel:
     if "architecture" not in cfg:
         raise UserError(f"{config_path} does not name an 'architecture': add the timm model name it was built with.")
     try:
-        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes", 1000),
-                                  **cfg.get("model_kwargs", {}))
+        model = build_timm(cfg)
     except RuntimeError as err:
         raise UserError(f"timm cannot build {cfg['architecture']!r} from {config_path}: {err}.") from None
     try:

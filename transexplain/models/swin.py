@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..lrp import Tape
 from .base import EncoderAdapter, Trace
-from .vit import _refuse
+from .vit import _conv_stem, _refuse, record_patch_embedding
 
 
 def _to_windows(t: torch.Tensor, win: tuple, shift: tuple) -> torch.Tensor:
@@ -76,8 +76,9 @@ class SwinAdapter(EncoderAdapter):
         pe = m.patch_embed
         if getattr(pe, "dynamic_img_pad", False):
             _refuse("Swin with a padded patch embedding is not handled yet")
+        self.stem = _conv_stem(pe.proj)
         self.patch_size = tuple(pe.patch_size)
-        self.input_size = (pe.proj.in_channels, pe.img_size[0], pe.img_size[1])
+        self.input_size = (self.stem[0][0].in_channels if self.stem else pe.proj.in_channels, pe.img_size[0], pe.img_size[1])
         self.grid = tuple(pe.grid_size)  # stage-1 token grid: the resolution of every token map
         self.blocks = []  # (stage index, block module)
         self.stage_res = []  # token grid of each stage's blocks
@@ -104,7 +105,7 @@ class SwinAdapter(EncoderAdapter):
         m = self.model
         tape = Tape(record=record)
         pe = m.patch_embed
-        h = tape.conv_input(x, pe.proj)
+        h = record_patch_embedding(tape, x, pe.proj, self.stem)
         h = tape.move(lambda t: t.permute(0, 2, 3, 1), h)  # NCHW -> NHWC
         h = tape.passthrough(pe.norm, h)
         attentions, stats = [], []

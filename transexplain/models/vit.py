@@ -19,6 +19,51 @@ def _refuse(why: str):
     raise UserError(f"This model is not supported: {why}. Supported architectures: {SUPPORTED}.")
 
 
+def _conv_stem(proj):
+    """None for a single patch-embedding convolution; for a convolutional stem (a Sequential of
+    Conv2d, optional BatchNorm2d, optional ReLU, repeated) the list of (conv, bn, relu) triples."""
+    if isinstance(proj, nn.Conv2d):
+        return None
+    if not isinstance(proj, nn.Sequential):
+        _refuse(f"the patch embedding is a {type(proj).__name__}, neither a Conv2d nor a Sequential conv stem")
+    layers, items = [], list(proj)
+    while items:
+        conv = items.pop(0)
+        if not isinstance(conv, nn.Conv2d):
+            _refuse(f"the conv stem holds a {type(conv).__name__} where a Conv2d was expected")
+        bn = items.pop(0) if items and isinstance(items[0], nn.BatchNorm2d) else None
+        act = items.pop(0) if items and isinstance(items[0], nn.ReLU) else None
+        layers.append((conv, bn, act))
+    return layers
+
+
+def _fold(conv: nn.Conv2d, bn):
+    """A Conv2d equal to conv followed by BatchNorm in eval mode (running statistics)."""
+    if bn is None:
+        return conv
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                       dilation=conv.dilation, groups=conv.groups, bias=True).to(conv.weight.dtype)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * scale[:, None, None, None])
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        folded.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return folded.to(conv.weight.device).requires_grad_(False)
+
+
+def record_patch_embedding(tape: Tape, x: torch.Tensor, proj: nn.Module, stem) -> torch.Tensor:
+    """Record the patch embedding: one input convolution, or a conv stem whose BatchNorms are
+    folded into their convolutions and whose ReLUs pass relevance unchanged."""
+    if stem is None:
+        return tape.conv_input(x, proj)
+    h = x
+    for i, (conv, bn, act) in enumerate(stem):
+        h = (tape.conv_input if i == 0 else tape.conv)(h, _fold(conv, bn))
+        if act is not None:
+            h = tape.passthrough(act, h)
+    return h
+
+
 class ViTAdapter(ClassTokenReadout, EncoderAdapter):
     family = "vit"
     default_start_layer = 1
@@ -44,9 +89,10 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
             if not (hasattr(blk.mlp, "fc1") and hasattr(blk.mlp, "fc2")) or type(blk.mlp).__name__ != "Mlp":
                 _refuse(f"block {i} has a {type(blk.mlp).__name__} MLP, not a plain two-layer MLP")
         pe = m.patch_embed
+        self.stem = _conv_stem(pe.proj)
         self.patch_size = tuple(pe.patch_size)
         self.grid = tuple(pe.grid_size)
-        self.input_size = (pe.proj.in_channels, self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+        self.input_size = (self.stem[0][0].in_channels if self.stem else pe.proj.in_channels, self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
         self.num_blocks = len(m.blocks)
         self.num_classes = m.num_classes
         self.num_heads = m.blocks[0].attn.num_heads
@@ -59,7 +105,7 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         m = self.model
         tape = Tape(record=record)
         n_batch = x.shape[0]
-        h = tape.conv_input(x, m.patch_embed.proj)
+        h = record_patch_embedding(tape, x, m.patch_embed.proj, self.stem)
         h = tape.move(lambda t: t.flatten(2).transpose(1, 2), h)
         h = tape.passthrough(m.patch_embed.norm, h)
         cls = m.cls_token.expand(n_batch, -1, -1)
