@@ -105,3 +105,20 @@ def test_swin_with_a_conv_stem_records_the_same_forward_and_explains():
     torch.testing.assert_close(adapter.run(x).logits, model(x), rtol=1e-9, atol=1e-9)
     maps = transexplain.explain(model, x, method="transformer_attribution").token_map
     assert maps.shape == (2, 14, 14) and torch.isfinite(maps).all()
+
+
+def test_a_conv_stem_checkpoint_loads_through_the_user_path(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from transexplain.models.loading import load_model
+
+    model = stem_vit(seed=4).float()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    cfg = {"architecture": "vit_tiny_patch16_224", "num_classes": 5, "conv_stem": [6, 8], "input_size": [3, 16, 16],
+           "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(str(tmp_path))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded.model(x), model(x))
