@@ -1,12 +1,18 @@
 """Train the embedded ViT on the procedural "shapes" set and save it to transexplain/assets/embedded_vit.
 
-    python scripts/train_embedded_vit.py [--train 6000] [--epochs 4] [--token-aux 0.0] [--out DIR]
+    python scripts/train_embedded_vit.py [--train 16000] [--epochs 13] [--out DIR]
 
 A small timm VisionTransformer (patch 8 on 112x112 images: a 14x14 grid plus the CLS token,
-class-token pooling, mean = std = 0.5). The training images come from the shapes generator with a
+class-token pooling, mean = std = 0.5) whose patch embedding is a convolutional stem (three 3x3
+stride-2 convolutions with BatchNorm and ReLU, then a 1x1 convolution: "early convolutions",
+Xiao et al. 2021). A plain linear patch embedding did not learn the shapes under random colours
+in the 30-minute CPU budget (validation accuracy stayed below 20% after 40k training images in
+five settings); the stem did. The training images come from the shapes generator with a
 different seed than the shipped validation set, augmented with flips and 90-degree rotations
-(which change no class). Deterministic on CPU: fixed seeds,
-fixed number of steps. Prints the accuracy on the shipped validation set at the end.
+(which change no class), and half of them get random regions blacked out (`_erase.py`), so that
+the perturbation benchmark's black pixels are not new to the model. Deterministic on CPU: fixed
+seeds, fixed number of steps. Prints the
+accuracy on the shipped validation set after every epoch and keeps the best epoch.
 """
 from __future__ import annotations
 
@@ -27,9 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transexplain.data import shapes  # noqa: E402
+from transexplain.models.loading import add_conv_stem  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _erase import random_black_regions  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"img_size": 112, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 2.0}
+CONV_STEM = [24, 48, 96]
 MEAN = STD = (0.5, 0.5, 0.5)
 TRAIN_SEED = 1000  # the shipped val/seg sets use seed 0
 
@@ -71,7 +82,7 @@ def normalise(u8: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, tokens: torch.Tensor, g: torch.Generator):
-    """Flips and 90-degree rotations (applied to the patch labels too); colours are left alone (hue is a class cue)."""
+    """Flips and 90-degree rotations (applied to the patch labels too)."""
     b = x.shape[0]
     out, tok = x.clone(), tokens.clone()
     flip = torch.rand(b, generator=g) < 0.5
@@ -97,13 +108,14 @@ def accuracy(model, imgs_u8, labels, bs=100):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=int, default=6000, help="training images")
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 beats 2 on a shared 2-core machine)")
+    ap.add_argument("--train", type=int, default=16000, help="training images")
+    ap.add_argument("--epochs", type=int, default=13)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--token-aux", type=float, default=0.0,
                     help="weight of an auxiliary per-patch label loss (speeds up learning; the head is not saved)")
+    ap.add_argument("--erase", type=float, default=0.5, help="share of training images with random regions blacked out")
     ap.add_argument("--init", type=Path, default=None, help="start from these weights (model.safetensors)")
     ap.add_argument("--out", type=Path, default=ROOT / "transexplain" / "assets" / "embedded_vit")
     args = ap.parse_args()
@@ -124,7 +136,7 @@ def main():
         np.savez(cache, x=train_x.numpy(), y=train_y.numpy(), t=train_t.numpy())
     print(f"data: {len(train_y)} train, {len(val_y)} val ({time.time() - t0:.0f} s)", flush=True)
 
-    model = timm.create_model(ARCH, pretrained=False, num_classes=len(shapes.CLASSES), **MODEL_KWARGS)
+    model = add_conv_stem(timm.create_model(ARCH, pretrained=False, num_classes=len(shapes.CLASSES), **MODEL_KWARGS), CONV_STEM)
     if args.init is not None:  # continue from saved weights (e.g. a second, shorter schedule)
         from safetensors.torch import load_file
 
@@ -154,6 +166,7 @@ def main():
         for s in range(steps_per_epoch):
             idx = order[s * args.batch:(s + 1) * args.batch]
             x, tok = augment(normalise(train_x[idx]), train_t[idx], g)
+            x = random_black_regions(x, g, p=args.erase)
             y = train_y[idx]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
@@ -192,11 +205,11 @@ def save(model, args, acc, seconds, epoch):
     save_file(state, str(args.out / "model.safetensors"))
     (args.out / "model.safetensors").chmod(0o644)
     config = {
-        "architecture": ARCH, "model_kwargs": MODEL_KWARGS, "num_classes": len(shapes.CLASSES),
+        "architecture": ARCH, "model_kwargs": MODEL_KWARGS, "conv_stem": CONV_STEM, "num_classes": len(shapes.CLASSES),
         "input_size": [3, 112, 112], "mean": list(MEAN), "std": list(STD), "class_names": list(shapes.CLASSES),
-        "data": "shapes-v1 seed 0",
+        "data": f"{shapes.VERSION} generator {shapes.GENERATOR_REV} seed 0",
         "train": {"images": args.train, "seed": TRAIN_SEED, "epochs": args.epochs, "batch": args.batch,
-                  "lr": args.lr, "init": None if args.init is None else str(args.init), "token_aux": args.token_aux, "threads": args.threads, "saved_after_epoch": epoch + 1},
+                  "lr": args.lr, "init": None if args.init is None else str(args.init), "token_aux": args.token_aux, "erase": args.erase, "threads": args.threads, "saved_after_epoch": epoch + 1},
         "val_accuracy": round(acc, 4), "train_seconds": round(seconds),
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")

@@ -128,3 +128,16 @@ def test_cli_make(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(list((out / "val").rglob("*.png"))) == 10
     assert len(GtSegsDataset(out / shapes.SEG_FILE)) == 6 and len(GtSegsDataset(out / shapes.TWO_FILE)) == 3
+
+
+def test_object_colour_does_not_tell_the_class():
+    """Every class is drawn in hues from all around the wheel: colour cannot decide the class."""
+    import colorsys
+
+    sextants = {k: set() for k in range(10)}
+    for k in range(10):
+        for i in range(24):
+            img, mask = shapes.draw_one(k, seed=5, split="train", index=100 * k + i)
+            r, g, b = img[mask == 1].reshape(-1, 3).mean(0) / 255.0
+            sextants[k].add(int(colorsys.rgb_to_hsv(r, g, b)[0] * 6) % 6)
+    assert all(len(v) >= 5 for v in sextants.values()), sextants

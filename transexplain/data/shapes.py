@@ -4,10 +4,9 @@ Every image is drawn from its own numpy Generator seeded by (seed, split, index)
 byte-for-byte reproducible and any single image can be redrawn alone. An image is 112x112 RGB: a
 cluttered background (gradient, smooth colour noise, pixel noise, small distractor ellipses and
 lines that are never one of the class shapes) with a foreground object of one of ten shape classes
-in a random size, rotation and position. The object's colour is random within a hue band of its
-class (class k: hue 36k +- 10 degrees, random saturation and brightness): shape and hue both mark
-the class and both live on the object only (a small ViT trained from scratch on 2 CPU cores could
-not learn shape alone from random colours in the time budget). The object's exact pixel mask is known.
+in a random size, rotation and position, painted in a random saturated colour (any hue, random
+saturation and brightness, chosen to stand out from the background under it): only the shape
+tells the class. The object's exact pixel mask is known.
 
 On disk, in the formats of the real benchmarks:
 - ``val/<class_name>/<id>.png``: the validation set as an image folder (sorted class names = index);
@@ -38,9 +37,7 @@ MARKER = ".complete"
 SEG_FILE = "shapes_seg.mat"
 TWO_FILE = "shapes_two_objects.mat"
 #: revision of the drawing code; a cached set drawn by another revision is regenerated
-GENERATOR_REV = 2
-#: object hue = class / 10 of the colour wheel +- this (a colour cue that lives on the object only)
-HUE_JITTER = 10 / 360
+GENERATOR_REV = 3
 _SPLIT_IDS = {"val": 1, "seg": 2, "two": 3, "train": 4}
 
 
@@ -135,14 +132,13 @@ def _hsv_to_rgb(h, s, v):
     return np.array(rgb) * 255.0
 
 
-def _object_colour(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, label: int) -> np.ndarray:
-    """A saturated colour whose hue lies in the class's band (36 degrees apart, +-10 degrees wide),
-    with random saturation and brightness, that stands out from the background under the mask."""
+def _object_colour(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A saturated colour of random hue, saturation and brightness that stands out from the
+    background under the mask (the class plays no part in it)."""
     under = img[mask].mean(0) if mask.any() else img.reshape(-1, 3).mean(0)
     best, best_d = None, -1.0
     for _ in range(20):
-        hue = (label / len(CLASSES) + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
-        c = _hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
+        c = _hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0))
         dist = float(np.abs(c - under).sum())
         if dist > 150:
             return c
@@ -151,8 +147,8 @@ def _object_colour(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, 
     return best
 
 
-def _paint(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, label: int) -> np.ndarray:
-    colour = _object_colour(rng, img, mask, label)
+def _paint(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    colour = _object_colour(rng, img, mask)
     shade = rng.normal(0, rng.uniform(2, 8), img.shape)
     obj = np.clip(colour + shade, 0, 255).astype(np.uint8)
     return np.where(mask[..., None], obj, img)
@@ -175,7 +171,7 @@ def draw_one(label: int, seed: int, split: str, index: int):
     rng = _rng(seed, split, index)
     img = _distractors(rng, _background(rng))
     mask = shape_mask(label, *_pose(rng, 17, 36))
-    return _paint(rng, img, mask, label), mask.astype(np.uint8)
+    return _paint(rng, img, mask), mask.astype(np.uint8)
 
 
 def draw_two(label_a: int, label_b: int, seed: int, split: str, index: int):
@@ -188,8 +184,8 @@ def draw_two(label_a: int, label_b: int, seed: int, split: str, index: int):
             break
     mask_a, mask_b = shape_mask(label_a, *pa), shape_mask(label_b, *pb)
     mask_a &= ~mask_b
-    img = _paint(rng, img, mask_a, label_a)
-    img = _paint(rng, img, mask_b, label_b)
+    img = _paint(rng, img, mask_a)
+    img = _paint(rng, img, mask_b)
     return img, mask_a.astype(np.uint8), mask_b.astype(np.uint8)
 
 
