@@ -7,7 +7,8 @@ the two CPU cores this was trained on. Like the embedded ViT, its patch embeddin
 convolutional stem (three 3x3 stride-2 convolutions with BatchNorm and ReLU, then a 1x1
 convolution), which is what lets a model this small learn the shapes under random colours.
 `--aux W` adds an auxiliary linear head (not saved) that makes each final-stage token predict its
-patch's label (the class, or background); it is off by default. Trained on images drawn by
+patch's label (the class, or background); it is off by default, as is `--erase P` (random regions of
+a share P of the images blacked out, `_erase.py`). Trained on images drawn by
 `transexplain.data.shapes.sample_batch` (split "train", never the val/seg/two splits), checked on
 the embedded validation image folder, and written to transexplain/assets/embedded_swin/.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +29,9 @@ import torch.nn.functional as F
 
 from transexplain.data import shapes
 from transexplain.models.loading import add_conv_stem
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _erase import random_black_regions  # noqa: E402
 
 ARCH = "swin_tiny_patch4_window7_224"
 MODEL_KWARGS = dict(img_size=112, patch_size=8, window_size=7, embed_dim=48, depths=[2, 2], num_heads=[3, 6],
@@ -92,6 +97,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--aux", type=float, default=0.0, help="weight of the per-token auxiliary loss (0: none)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--erase", type=float, default=0.0,
+                    help="share of training images with random regions blacked out (see _erase.py; off for the shipped model)")
     ap.add_argument("--chunk", type=int, default=2048, help="fresh training images drawn per chunk")
     ap.add_argument("--target", type=float, default=0.98, help="stop early at this val accuracy")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -103,6 +110,7 @@ def main():
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed + 1)
     model = add_conv_stem(timm.create_model(ARCH, pretrained=False, num_classes=len(shapes.CLASSES), **MODEL_KWARGS), CONV_STEM)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{ARCH} {MODEL_KWARGS}: {n_params / 1e6:.2f}M parameters", flush=True)
@@ -134,6 +142,7 @@ def main():
             idx = perm[i:i + args.batch]
             x, y, tok = x_all[idx], y_all[idx], t_all[idx]
             x, tok = augment(x, tok)
+            x = random_black_regions(x, gen, p=args.erase)
             feats = model.forward_features(x)  # (B, 7, 7, C), final norm applied
             loss = F.cross_entropy(model.forward_head(feats), y, label_smoothing=0.05)
             if args.aux:
@@ -160,7 +169,7 @@ def main():
     cfg = {"architecture": ARCH, "model_kwargs": MODEL_KWARGS, "conv_stem": CONV_STEM, "num_classes": len(shapes.CLASSES),
            "input_size": [3, 112, 112], "mean": list(MEAN), "std": list(STD), "class_names": list(shapes.CLASSES),
            "training": {"data": f"{shapes.VERSION} generator {shapes.GENERATOR_REV} split=train seed={args.seed}", "steps": step,
-                        "aux": args.aux, "batch": args.batch, "lr": args.lr, "threads": args.threads,
+                        "aux": args.aux, "erase": args.erase, "batch": args.batch, "lr": args.lr, "threads": args.threads,
                         "minutes": round((time.time() - t0) / 60, 1), "val_accuracy": round(acc, 4)}}
     (args.out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     print(f"saved {args.out} val acc {acc:.4f} in {(time.time() - t0) / 60:.1f} min, {step} steps", flush=True)
