@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..lrp import Tape
 from .base import EncoderAdapter, Trace
-from .vit import _conv_stem, _refuse, record_patch_embedding
+from .vit import _conv_stem, _refuse, input_channels, record_patch_embedding
 
 
 def _to_windows(t: torch.Tensor, win: tuple, shift: tuple) -> torch.Tensor:
@@ -78,7 +78,7 @@ class SwinAdapter(EncoderAdapter):
             _refuse("Swin with a padded patch embedding is not handled yet")
         self.stem = _conv_stem(pe.proj)
         self.patch_size = tuple(pe.patch_size)
-        self.input_size = (self.stem[0][0].in_channels if self.stem else pe.proj.in_channels, pe.img_size[0], pe.img_size[1])
+        self.input_size = (input_channels(pe.proj, self.stem), pe.img_size[0], pe.img_size[1])
         self.grid = tuple(pe.grid_size)  # stage-1 token grid: the resolution of every token map
         self.blocks = []  # (stage index, block module)
         self.stage_res = []  # token grid of each stage's blocks

@@ -37,6 +37,11 @@ def _conv_stem(proj):
     return layers
 
 
+def input_channels(proj: nn.Module, stem) -> int:
+    """Channels of the image a patch embedding takes (its first convolution's input)."""
+    return (stem[0][0] if stem else proj).in_channels
+
+
 def _fold(conv: nn.Conv2d, bn):
     """A Conv2d equal to conv followed by BatchNorm in eval mode (running statistics)."""
     if bn is None:
@@ -92,7 +97,7 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         self.stem = _conv_stem(pe.proj)
         self.patch_size = tuple(pe.patch_size)
         self.grid = tuple(pe.grid_size)
-        self.input_size = (self.stem[0][0].in_channels if self.stem else pe.proj.in_channels, self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+        self.input_size = (input_channels(pe.proj, self.stem), self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
         self.num_blocks = len(m.blocks)
         self.num_classes = m.num_classes
         self.num_heads = m.blocks[0].attn.num_heads

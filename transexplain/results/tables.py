@@ -81,12 +81,18 @@ def _cell(ours, paper, with_paper: bool) -> str:
     return _number(ours)
 
 
-def perturbation_table(store, fmt: str = "markdown") -> str:
+def _table_frame(store, benchmark: str, corner: str):
+    """What both benchmark tables start from: the stored config, the methods in display order,
+    whether the paper's numbers apply (and those numbers), and the header row."""
     config = store.config
     methods = ordered(config.get("methods", []))
     with_paper = follows_paper_protocol(config)
-    paper = paper_numbers().get("perturbation", {}) if with_paper else {}
-    header = ["AUC (%)"] + [DISPLAY.get(m, m) for m in methods]
+    paper = paper_numbers().get(benchmark, {}) if with_paper else {}
+    return config, methods, with_paper, paper, [corner] + [DISPLAY.get(m, m) for m in methods]
+
+
+def perturbation_table(store, fmt: str = "markdown") -> str:
+    config, methods, with_paper, paper, header = _table_frame(store, "perturbation", "AUC (%)")
     rows = []
     for test in ("negative", "positive"):
         if test not in config.get("tests", []):
@@ -105,11 +111,7 @@ def perturbation_table(store, fmt: str = "markdown") -> str:
 
 
 def segmentation_table(store, fmt: str = "markdown") -> str:
-    config = store.config
-    methods = ordered(config.get("methods", []))
-    with_paper = follows_paper_protocol(config)
-    paper = paper_numbers().get("segmentation", {}) if with_paper else {}
-    header = ["Segmentation (%)"] + [DISPLAY.get(m, m) for m in methods]
+    _, methods, with_paper, paper, header = _table_frame(store, "segmentation", "Segmentation (%)")
     rows = []
     for key, label in (("pixel_accuracy", "Pixel accuracy"), ("map", "mAP"), ("miou", "mIoU")):
         rows.append([label] + [_cell(store.summary(m).get(key), paper.get(key, {}).get(m), with_paper) for m in methods])
