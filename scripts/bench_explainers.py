@@ -1,8 +1,10 @@
 """Time and peak memory of every explainer as a ratio to a plain timm forward, side by side.
 
-ViT-B/16 shapes (random weights), 224x224, CPU. For each batch size the plain forward and every
-method are timed in interleaved rounds (median of `--repeats`), so background load hits them
-alike. Peak memory per image is measured in a fresh subprocess per method (peak RSS above the
+ViT-B/16 shapes (random weights), 224x224, CPU. For each batch size the plain (float32) forward and
+every method in both precisions (`float32`, the fast mode, and `float64`, the default that gives the
+same maps on every CPU) are timed in interleaved rounds (median of `--repeats`), so background load
+hits them alike. Printed per method: each precision's time as a ratio to the plain forward, the
+float32 target, and float64 / float32 (target <= 2). Peak memory per image is measured in a fresh subprocess per method (peak RSS above the
 RSS after loading the model), next to that of a plain forward+backward.
 
     python scripts/bench_explainers.py [--model vit_base_patch16_224] [--batches 1 8] [--repeats 3]
@@ -29,7 +31,10 @@ def build(name):
     return timm.create_model(name, pretrained=False).eval()
 
 
-def run_once(model, x, method):
+PRECISIONS = ("float32", "float64")
+
+
+def run_once(model, x, method, precision="float32"):
     import transexplain
 
     if method == "forward":
@@ -40,7 +45,7 @@ def run_once(model, x, method):
         out.max(-1).values.sum().backward()
         model.zero_grad(set_to_none=True)
     else:
-        transexplain.explain(model, x, method)
+        transexplain.explain(model, x, method, precision=precision)
 
 
 def _status_kb(field):
@@ -51,15 +56,15 @@ def _status_kb(field):
     raise RuntimeError(field)
 
 
-def memory_child(name, method, batch):
+def memory_child(name, method, batch, precision):
     """Peak RSS of one call above the RSS before it; the kernel's peak (VmHWM) is reset first."""
     model = build(name)
     x = torch.randn(batch, 3, 224, 224)
-    run_once(model, x, method)  # warm-up: one-off allocations are not the method's cost
+    run_once(model, x, method, precision)  # warm-up: one-off allocations (and the float64 copy) are not the method's cost
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     base = _status_kb("VmRSS")
-    run_once(model, x, method)
+    run_once(model, x, method, precision)
     peak = _status_kb("VmHWM")
     print(json.dumps({"peak_mb_per_image": max(peak - base, 0) / 1024 / batch}))
 
@@ -71,11 +76,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--_memory_child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    ap.add_argument("--_memory_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_child:
-        name, method, batch = args._memory_child
-        memory_child(name, method, int(batch))
+        name, method, batch, precision = args._memory_child
+        memory_child(name, method, int(batch), precision)
         return
     from transexplain.explainers import method_names
 
@@ -85,32 +91,40 @@ def main():
     print(f"model {args.model}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
     for batch in args.batches:
         x = torch.randn(batch, 3, 224, 224)
-        entries = ["forward"] + methods
-        for m in entries:  # warm-up
-            run_once(model, x, m)
-        times = {m: [] for m in entries}
+        entries = [("forward", "float32")] + [(m, p) for m in methods for p in args.precisions]
+        for m, p in entries:  # warm-up (also builds the cached float64 copy of the model)
+            run_once(model, x, m, p)
+        times = {e: [] for e in entries}
         for _ in range(args.repeats):
-            for m in entries:
+            for m, p in entries:
                 t0 = time.perf_counter()
-                run_once(model, x, m)
-                times[m].append(time.perf_counter() - t0)
-        fwd = statistics.median(times["forward"])
-        print(f"\nbatch {batch}: plain forward {fwd * 1000:.0f} ms ({fwd / batch * 1000:.0f} ms/image)")
-        print(f"{'method':26s} {'time ms':>9s} {'x forward':>10s} {'target':>7s}")
+                run_once(model, x, m, p)
+                times[(m, p)].append(time.perf_counter() - t0)
+        fwd = statistics.median(times[("forward", "float32")])
+        print(f"\nbatch {batch}: plain float32 forward {fwd * 1000:.0f} ms ({fwd / batch * 1000:.0f} ms/image)")
+        head = "".join(f" {p + ' x fwd':>14s}" for p in args.precisions)
+        print(f"{'method':26s}{head} {'f32 target':>10s} {'f64/f32':>8s}")
         for m in methods:
-            t = statistics.median(times[m])
+            ratios = {p: statistics.median(times[(m, p)]) / fwd for p in args.precisions}
             target = TARGETS.get(m)
-            flag = "" if target is None else ("ok" if t / fwd <= target else "OVER")
-            print(f"{m:26s} {t * 1000:9.0f} {t / fwd:10.2f} {('<=' + str(target)) if target else '':>7s} {flag}")
+            line = f"{m:26s}" + "".join(f" {ratios[p]:14.2f}" for p in args.precisions)
+            if "float32" in ratios:
+                flag = "" if target is None else ("ok" if ratios["float32"] <= target else "OVER")
+                line += f" {('<=' + str(target)) if target else '':>7s} {flag:4s}"
+                if "float64" in ratios:
+                    rel = ratios["float64"] / ratios["float32"]
+                    line += f" {rel:8.2f} {'ok' if rel <= 2 else 'OVER'}"
+            print(line)
     if args.no_memory:
         return
     batch = max(args.batches)
     print(f"\npeak memory per image above the loaded model (batch {batch}, fresh process each):")
     for m in ["forward", "forward+backward"] + methods:
-        out = subprocess.run([sys.executable, __file__, "--_memory_child", args.model, m, str(batch)],
-                             capture_output=True, text=True, check=True)
-        mb = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb_per_image"]
-        print(f"{m:26s} {mb:8.1f} MB/image")
+        for p in (["float32"] if m.startswith("forward") else args.precisions):
+            out = subprocess.run([sys.executable, __file__, "--_memory_child", args.model, m, str(batch), p],
+                                 capture_output=True, text=True, check=True)
+            mb = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb_per_image"]
+            print(f"{m:26s} {p:8s} {mb:8.1f} MB/image")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def main():
         row = []
         for method in methods:
             a = transexplain.explain(m64, x, method).token_map
-            b = transexplain.explain(m32, x.float(), method, target=transexplain.explain(m64, x, "random").target).token_map.double()
+            b = transexplain.explain(m32, x.float(), method, target=transexplain.explain(m64, x, "random").target,
+                                    precision="float32").token_map.double()
             rel = [float((b[i] - a[i]).abs().max() / a[i].abs().max().clamp_min(1e-30)) for i in range(len(x))]
             row.append(statistics.median(rel))
         print(f"{depth:5d} " + " ".join(f"{r:24.2e}" for r in row))

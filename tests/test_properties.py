@@ -37,11 +37,13 @@ def test_deterministic(model, batch, method):
     assert torch.equal(a.token_map, b.token_map)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
 @pytest.mark.parametrize("method", METHODS)
-def test_finite_and_normalised_even_on_black_image(method):
+def test_finite_and_normalised_even_on_black_image(method, precision):
     model = make_vit(depth=2, dtype=torch.float32, seed=1)
     black = torch.full((2, 3, 16, 16), -1.0)  # 0 in [0, 1] space after 0.5/0.5 normalisation
-    res = transexplain.explain(model, torch.cat([black, torch.randn(1, 3, 16, 16)]), method)
+    res = transexplain.explain(model, torch.cat([black, torch.randn(1, 3, 16, 16)]), method, precision=precision)
+    assert res.heatmap.dtype == getattr(torch, precision)
     assert torch.isfinite(res.token_map).all() and torch.isfinite(res.heatmap).all()
     assert res.heatmap.min() >= 0 and res.heatmap.max() <= 1
     assert res.heatmap.shape == (3, 16, 16)
@@ -66,7 +68,7 @@ def test_float32_agrees_with_float64_for_attention_methods(batch):
     m32 = make_vit(depth=3, seed=2, dtype=torch.float32)
     for method in ("raw_attention", "rollout", "gradcam", "generic_attention"):
         a = transexplain.explain(m64, batch[:2], method).token_map
-        b = transexplain.explain(m32, batch[:2].float(), method).token_map
+        b = transexplain.explain(m32, batch[:2].float(), method, precision="float32").token_map
         assert b.dtype == torch.float32 and a.dtype == torch.float64
         torch.testing.assert_close(b.double(), a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
 

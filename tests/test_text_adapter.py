@@ -142,5 +142,6 @@ def test_float32_and_float64_agree_for_attention_methods():
     ids, mask = padded_batch()
     for method in ("rollout", "gradcam", "generic_attention", "transformer_attribution"):
         a = explain(TextAdapter(m64), {"input_ids": ids, "attention_mask": mask}, method=method, target=torch.tensor([0, 1, 2]))
-        b = explain(TextAdapter(m32), {"input_ids": ids, "attention_mask": mask}, method=method, target=torch.tensor([0, 1, 2]))
+        b = explain(TextAdapter(m32), {"input_ids": ids, "attention_mask": mask}, method=method, target=torch.tensor([0, 1, 2]),
+                    precision="float32")
         torch.testing.assert_close(a.token_map.float(), b.token_map, atol=1e-4, rtol=1e-3)

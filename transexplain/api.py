@@ -6,7 +6,7 @@ import torch
 from .errors import UserError
 from .explainers import Explanation, get_method, normalise_per_sample, upsample
 from .explainers.base import select_target
-from .models import as_adapter
+from .precision import adapter_at
 
 
 def check_images(adapter, images) -> torch.Tensor:
@@ -31,13 +31,17 @@ def check_images(adapter, images) -> torch.Tensor:
     return images.to(device=adapter.device, dtype=adapter.dtype)
 
 
-def explain(model, images, method: str = "transformer_attribution", target=None, **options) -> Explanation:
+def explain(model, images, method: str = "transformer_attribution", target=None, precision: str = "float64",
+            **options) -> Explanation:
     """Explain `model`'s decision on a batch of images (or a text batch, for text adapters).
 
     target: None explains the predicted class; an int or one int per sample explains that class.
+    precision: "float64" (default: the same map on every machine) or "float32" (faster; the LRP-based
+    maps then move with the CPU's kernels, see docs/numerics.md). The model is not modified: a cast
+    copy is used (and cached) when its dtype differs; the maps come out in this precision.
     options: the method's keyword options (e.g. start_layer, rule_set); see `list_methods()`.
     """
-    adapter = as_adapter(model)
+    adapter = adapter_at(model, precision)
     explainer = get_method(method)(**options)
     reason = adapter.unsupported.get(explainer.name)
     if reason:

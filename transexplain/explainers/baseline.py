@@ -23,7 +23,8 @@ class RandomBaseline(Explainer):
         template = adapter.readout(trace)
         rows = []
         for sample in x:  # one generator per image keeps the map independent of the batch
-            digest = hashlib.sha256(sample.detach().cpu().numpy().tobytes()).digest()
+            # hashed in float32 so that both precisions draw the same map for the same image
+            digest = hashlib.sha256(sample.detach().float().cpu().numpy().tobytes()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") ^ self.options["seed"])
             rows.append(torch.rand(template.shape[1], generator=gen, dtype=torch.float64))
         v = torch.stack(rows).to(template.dtype).to(template.device)

@@ -62,7 +62,7 @@ class LNStats(Explainer):
 
     @classmethod
     def defaults(cls):
-        return {"variant": "key_inv_sigma", "start_layer": None, "rule_set": "ours"}
+        return {"variant": "key_inv_sigma", "start_layer": None, "rule_set": "ours", "epsilon": "absolute"}
 
     def scores(self, adapter, x, target):
         variant = self.options["variant"]
@@ -73,7 +73,7 @@ class LNStats(Explainer):
         if start is None:
             start = adapter.default_start_layer
         _check_start(start, n_blocks)
-        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"]), start)
+        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"], self.options["epsilon"]), start)
         stats = trace.extras.get("ln_stats")
         if stats is None:
             raise UserError(f"The {adapter.family} adapter does not record LayerNorm statistics: ln_stats needs them.")

@@ -6,14 +6,19 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..lrp import RULE_SETS, propagate
+from ..lrp.rules import EPSILONS, RULE_SET_VARIANTS
 from .attention import _check_start
 from .base import Explainer, register, select_target, target_gradients
 
 
-def _rule_set(name: str):
+def _rule_set(name: str, epsilon: str = "absolute"):
+    """The rule set `name` with the stabiliser `epsilon` ("absolute": the reference's 1e-9;
+    "relative": ε·(|a|+|b|) at additions and bilinear products, see docs/numerics.md)."""
     if name not in RULE_SETS:
         raise UserError(f"Unknown rule set {name!r}: choose one of {', '.join(RULE_SETS)}.")
-    return RULE_SETS[name]
+    if epsilon not in EPSILONS:
+        raise UserError(f"Unknown epsilon {epsilon!r}: choose one of {', '.join(EPSILONS)}.")
+    return RULE_SET_VARIANTS[(name, epsilon)]
 
 
 def relevance_pass(adapter, x, target, rules, first_block: int | None, to_input: bool = False):
@@ -41,7 +46,7 @@ class TransformerAttribution(Explainer):
     def defaults(cls):
         # row_normalize=False and start_layer=1 are the paper's ViT protocol; the BERT adapter
         # overrides them with the paper's text protocol (last layer only, row-normalised).
-        return {"start_layer": None, "rule_set": "ours", "row_normalize": None}
+        return {"start_layer": None, "rule_set": "ours", "row_normalize": None, "epsilon": "absolute"}
 
     def scores(self, adapter, x, target):
         n_blocks = adapter.num_blocks
@@ -52,7 +57,7 @@ class TransformerAttribution(Explainer):
         row_norm = self.options["row_normalize"]
         if row_norm is None:
             row_norm = adapter.default_row_normalize
-        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"]), start)
+        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"], self.options["epsilon"]), start)
         grads = target_gradients(trace.logits, target, trace.attentions[start:])
         v = adapter.readout(trace)
         for b in range(n_blocks - 1, start - 1, -1):
@@ -73,11 +78,11 @@ class PartialLRP(Explainer):
 
     @classmethod
     def defaults(cls):
-        return {"rule_set": "classic"}
+        return {"rule_set": "classic", "epsilon": "absolute"}
 
     def scores(self, adapter, x, target):
         last = adapter.num_blocks - 1
-        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"]), last)
+        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"], self.options["epsilon"]), last)
         rel = result.captured[("attn_value", last)].clamp(min=0).mean(1)
         v = adapter.mix(adapter.readout(trace), last, rel)
         return v, trace.logits.detach(), target
@@ -92,12 +97,12 @@ class FullLRP(Explainer):
 
     @classmethod
     def defaults(cls):
-        return {"rule_set": "classic"}
+        return {"rule_set": "classic", "epsilon": "absolute"}
 
     def scores(self, adapter, x, target):
         if not getattr(adapter, "pixel_input", True):
             raise UserError("full_lrp needs pixel inputs; for text models it stops at the embeddings: use partial_lrp or transformer_attribution.")
-        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"]), None, to_input=True)
+        trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"], self.options["epsilon"]), None, to_input=True)
         rel = result.input_relevance
         if rel is None:
             rel = torch.zeros_like(x)

@@ -97,19 +97,34 @@ class ConvAlphaOneBetaZero:
         return xp * back(wp, safe_divide(r, zp)) + xn * back(wn, safe_divide(r, zn))
 
 
+#: ε of the relative stabiliser (`epsilon="relative"`)
+RELATIVE_EPS = 1e-3
+
+
+def relative_divide(r: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, eps: float = RELATIVE_EPS) -> torch.Tensor:
+    """r / (z + ε·sign(z)·scale), 0 where that is 0: `scale` is the sum of the magnitudes that
+    cancel into z (|a| + |b|, or |a| @ |b|), so a z that is only rounding noise of large
+    operands is damped instead of amplified. Sign(0) counts as +."""
+    den = z + torch.where(z >= 0, eps, -eps) * scale
+    zero = den == 0
+    return (r / torch.where(zero, torch.ones_like(den), den)).masked_fill_(zero, 0)
+
+
 class AddProportional:
     """z = a + b: each operand gets its share a·R/z, b·R/z.
 
     rescale=True (ours): then the two shares are rescaled per sample so that they sum to ΣR, each
     branch keeping |ΣR_a| / (|ΣR_a| + |ΣR_b|) of it. The reference sums over the whole batch;
     summing per sample is what makes a sample's map independent of its batch.
+    relative=True: the stabiliser is ε·(|a| + |b|) (see `relative_divide`) instead of 1e-9.
     """
 
-    def __init__(self, rescale: bool):
+    def __init__(self, rescale: bool, relative: bool = False):
         self.rescale = rescale
+        self.relative = relative
 
     def __call__(self, a, b, r):
-        s = safe_divide(r, a + b)
+        s = relative_divide(r, a + b, a.abs() + b.abs()) if self.relative else safe_divide(r, a + b)
         ra, rb = a * s, b * s
         if not self.rescale:
             return ra, rb
@@ -121,10 +136,15 @@ class AddProportional:
 
 
 class BilinearHalved:
-    """z = a @ b with both operands inputs (Q·Kᵀ, A·V): gradient × input on each, then halved."""
+    """z = a @ b with both operands inputs (Q·Kᵀ, A·V): gradient × input on each, then halved.
+
+    relative=True: the stabiliser is ε·(|a| @ |b|) (see `relative_divide`) instead of 1e-9."""
+
+    def __init__(self, relative: bool = False):
+        self.relative = relative
 
     def __call__(self, a, b, r):
-        s = safe_divide(r, a @ b)
+        s = relative_divide(r, a @ b, a.abs() @ b.abs()) if self.relative else safe_divide(r, a @ b)
         ra = a * (s @ b.transpose(-2, -1))
         rb = b * (a.transpose(-2, -1) @ s)
         return ra / 2, rb / 2
@@ -158,14 +178,19 @@ class ZBox:
 
 
 class RuleSet:
-    """Which rule each kind of recorded node gets."""
+    """Which rule each kind of recorded node gets.
 
-    def __init__(self, name: str, linear, add, conv):
+    epsilon: "absolute" (the reference's 1e-9 stabiliser) or "relative" (ε·(|a|+|b|) at additions
+    and ε·(|a|@|b|) at bilinear products, ε = 1e-3: see docs/numerics.md). The linear, conv and
+    pooling rules divide by sums of same-signed terms and need no other stabiliser."""
+
+    def __init__(self, name: str, linear, add, conv, epsilon: str = "absolute"):
         self.name = name
+        self.epsilon = epsilon
         self.linear = linear
         self.conv = conv
         self.add = add
-        self.bilinear = BilinearHalved()
+        self.bilinear = BilinearHalved(relative=epsilon == "relative")
         self.pool = MeanPoolAlphaOne()
         self.zbox = ZBox()
 
@@ -191,9 +216,20 @@ class RuleSet:
         raise ValueError(f"no LRP rule for recorded op kind {kind!r}")
 
     def __repr__(self):
-        return f"RuleSet({self.name})"
+        return f"RuleSet({self.name}, epsilon={self.epsilon})"
 
 
-OURS = RuleSet("ours", AlphaOneBetaZero(shared=True), AddProportional(rescale=True), ConvAlphaOneBetaZero(shared=True))
-CLASSIC = RuleSet("classic", AlphaOneBetaZero(shared=False), AddProportional(rescale=False), ConvAlphaOneBetaZero(shared=False))
+EPSILONS = ("absolute", "relative")
+
+
+def _build(name: str, epsilon: str) -> RuleSet:
+    ours = name == "ours"
+    return RuleSet(name, AlphaOneBetaZero(shared=ours), AddProportional(rescale=ours, relative=epsilon == "relative"),
+                   ConvAlphaOneBetaZero(shared=ours), epsilon=epsilon)
+
+
+#: (rule set name, epsilon) -> RuleSet
+RULE_SET_VARIANTS = {(name, eps): _build(name, eps) for name in ("ours", "classic") for eps in EPSILONS}
+OURS = RULE_SET_VARIANTS[("ours", "absolute")]
+CLASSIC = RULE_SET_VARIANTS[("classic", "absolute")]
 RULE_SETS = {"ours": OURS, "classic": CLASSIC}

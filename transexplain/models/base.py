@@ -36,6 +36,10 @@ class EncoderAdapter:
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
 
+    def with_model(self, model: torch.nn.Module) -> "EncoderAdapter":
+        """The same adapter over another copy of the model (e.g. cast to another precision)."""
+        return type(self)(model)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype

@@ -104,6 +104,9 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         self.input_size = (self.max_length,)
         self._mask = None
 
+    def with_model(self, model: nn.Module) -> "TextAdapter":
+        return TextAdapter(model, tokenizer=self.tokenizer, max_length=self.max_length)
+
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(self, batch) -> TextBatch:
         """A TextBatch from a tokenizer's dict, a TextBatch, or a list of strings (needs a tokenizer)."""
