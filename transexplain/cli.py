@@ -24,8 +24,20 @@ STATE = {"debug": False}
 COMMAND_MODULES = ("data", "vision", "text")
 
 
+def _show_version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"tx-bench {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _global(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")):
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
     STATE["debug"] = debug
 
 
@@ -49,7 +61,7 @@ def explain_cmd(
     text: Optional[str] = typer.Option(None, "--text", help="Explain a text with a text classifier instead of images."),
     html: Optional[Path] = typer.Option(None, "--html", help="With --text: also write the coloured words as an HTML page."),
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="With a timm model name: load its pretrained weights from the local cache."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class."""
     if text is not None:
@@ -62,7 +74,7 @@ def explain_cmd(
     from .visualize import explain_images
 
     explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
-                   pretrained=pretrained)
+                   pretrained=not random_weights)
 
 
 def _register_commands():
@@ -79,31 +91,84 @@ def _register_commands():
 _register_commands()
 
 
-def main():
-    """Entry point: user errors become one sentence and exit code 2 (a traceback with --debug)."""
-    debug = "--debug" in sys.argv or os.environ.get("TX_BENCH_DEBUG") == "1"
+def _signal_classes():
+    """(usage-error classes, exit classes, abort classes) of the click this typer runs on.
+
+    typer >= 0.2x vendors its own click (`typer._click`, with `typer.Exit`/`typer.Abort`) and
+    raises none of click's classes; older typer raises click's. Both are caught.
+    """
+    usage, exits, aborts = [], [typer.Exit], [typer.Abort]
     try:
-        app(standalone_mode=False)
+        from typer._click import exceptions as vendored
+
+        usage.append(vendored.ClickException)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        usage.append(click.exceptions.ClickException)
+        exits.append(click.exceptions.Exit)
+        aborts.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+def _interrupted():
+    from .interrupt import message
+
+    typer.echo(f"\n{message()}", err=True)
+    sys.exit(130)
+
+
+def main():
+    """Entry point; the exit codes are the CLI's contract:
+
+    0 done; 1 an unexpected error (one line, the traceback with --debug); 2 a usage error (unknown
+    command or option, missing or bad value: the usage line, the option's name, click's wording),
+    a user error (one sentence saying what to do), or no arguments at all (the help is printed,
+    as click does); 130 interrupted by Ctrl-C ("Interrupted after N of M images; ...").
+    Under `standalone_mode=False` typer returns the exit code of `typer.Exit` (and of a Ctrl-C, as
+    130) instead of raising it, and raises usage errors as its own click's classes.
+    """
+    from . import interrupt
+
+    debug = "--debug" in sys.argv or os.environ.get("TX_BENCH_DEBUG") == "1"
+    usage_errors, exits, aborts = _signal_classes()
+    interrupt.reset()
+    try:
+        rv = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        _interrupted()
     except UserError as err:
         if debug:
             raise
         typer.echo(f"Error: {err}", err=True)
         sys.exit(2)
-    except (typer.Exit,) as err:
-        sys.exit(err.exit_code)
-    except typer.Abort:
+    except exits as err:
+        rv = err.exit_code
+    except aborts:
         typer.echo("Aborted.", err=True)
         sys.exit(1)
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except usage_errors as err:
+        if type(err).__name__ == "NoArgsIsHelpError":
+            # the help is the message (plain click) or was already printed (typer with rich)
+            text = err.format_message()
+            if text.strip():
+                typer.echo(text)
+        else:
             err.show()
-            sys.exit(err.exit_code)
+        sys.exit(err.exit_code)
+    except Exception as err:
         if debug:
             raise
         typer.echo(f"Error: {type(err).__name__}: {err} (run again with --debug for the traceback).", err=True)
         sys.exit(1)
+    code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+    if code == 130:
+        _interrupted()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

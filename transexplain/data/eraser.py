@@ -47,7 +47,25 @@ class Example:
         return out
 
 
+def _unreadable(path: Path, err: Exception) -> UserError:
+    """One sentence for an ERASER file that cannot be read as UTF-8 text."""
+    if isinstance(err, UnicodeDecodeError):
+        return UserError(f"{path} is not UTF-8 text (bad byte at offset {err.start}): the file is damaged or not "
+                         f"ERASER data; download or copy the ERASER 'movies' folder again.")
+    if isinstance(err, IsADirectoryError):
+        return UserError(f"{path} is a folder, not a file: give the ERASER 'movies' folder as distributed.")
+    reason = (getattr(err, "strerror", None) or type(err).__name__).lower()
+    return UserError(f"Cannot read {path} ({reason}): make it readable or give another data folder.")
+
+
 def _read_jsonl(path: Path, strict: bool) -> list:
+    try:
+        return _read_jsonl_lines(path, strict)
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from None
+
+
+def _read_jsonl_lines(path: Path, strict: bool) -> list:
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -87,7 +105,10 @@ class _Docs:
             return self.cache[docid]
         path = self.dir / docid
         if self.dir.is_dir() and path.is_file():
-            text = path.read_text(encoding="utf-8")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise _unreadable(path, err) from None
             self.cache[docid] = text
             return text
         raise UserError(f"{where}: the document {docid!r} is missing from {self.root}/docs: check the data folder.")

@@ -89,6 +89,31 @@ def write_gtsegs(path, images, masks, labels=None, masks_b=None, labels_b=None) 
     return path
 
 
+def _hdf5_reason(err: Exception) -> str:
+    text = str(err)
+    if "truncated file" in text:
+        return "it is truncated, e.g. by an interrupted download or copy"
+    if "signature not found" in text:
+        return "its HDF5 signature is missing"
+    return f"HDF5 cannot read it: {text}"
+
+
+def damaged_file_error(path: Path, reason: str) -> UserError:
+    """One sentence for a damaged gtsegs-format file, saying how to get a good one again."""
+    from . import shapes
+
+    path = Path(path)
+    try:
+        embedded = shapes.cache_root().resolve() in path.resolve().parents
+    except OSError:
+        embedded = False
+    if embedded:
+        return UserError(f"The embedded shapes file {path} is damaged ({reason}): run `tx-bench data make` to "
+                         f"regenerate it (or delete {path.parent}).")
+    return UserError(f"{path} is damaged ({reason}): download or copy it again (or, for a file written by "
+                     f"`tx-bench data make --out DIR`, run that command again).")
+
+
 class GtSegsDataset:
     """Lazy reader of a gtsegs_ijcv.mat-format file: `ds[i] -> (image HxWx3 uint8, mask HxW uint8, label)`.
 
@@ -105,9 +130,29 @@ class GtSegsDataset:
         self.second = second
         if not self.path.exists():
             raise UserError(f"No segmentation file at {self.path}: give the path of gtsegs_ijcv.mat (or run `tx-bench data make`).")
-        if self.path.is_dir() or not h5py.is_hdf5(str(self.path)):
+        if self.path.is_dir():
+            raise UserError(f"{self.path} is a folder, not a MATLAB v7.3 (HDF5) file: give the path of gtsegs_ijcv.mat itself.")
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(len(_HEADER_TEXT))
+        except OSError as err:
+            raise UserError(f"Cannot read {self.path} ({(err.strerror or type(err).__name__).lower()}): make it readable or give another file.") from None
+        if not h5py.is_hdf5(str(self.path)):
+            if not head or head.startswith(b"MATLAB 7.3"):
+                raise damaged_file_error(self.path, "it is empty" if not head else
+                                         f"it is truncated to {self.path.stat().st_size} bytes")
             raise UserError(f"{self.path} is not a MATLAB v7.3 (HDF5) file: give gtsegs_ijcv.mat as distributed.")
         gt_name = "gt_b" if second else "gt"
+        try:
+            self._read_layout(gt_name, second)
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise damaged_file_error(self.path, _hdf5_reason(err)) from None
+        self._file = None
+        self._pid = None
+
+    def _read_layout(self, gt_name: str, second: bool) -> None:
+        import h5py
+
         with h5py.File(self.path, "r") as f:
             for name in ("img", gt_name):
                 if f"/value/{name}" not in f:
@@ -119,8 +164,6 @@ class GtSegsDataset:
             self.has_labels = f"/value/{label_name}" in f
             self.has_second = "/value/gt_b" in f
         self._gt_name, self._label_name = gt_name, label_name
-        self._file = None
-        self._pid = None
 
     def __len__(self) -> int:
         return self._n

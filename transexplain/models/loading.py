@@ -32,6 +32,8 @@ class LoadedModel:
     class_names: list = field(default_factory=list)
     source: str = ""
     weights_hash: str = ""
+    #: which weights: "pretrained:<timm tag>", "random-init", "checkpoint:<file>" or "embedded:<name>"
+    weights: str = ""
 
 
 def _hash_file(path: Path) -> str:
@@ -75,7 +77,16 @@ def build_timm(cfg: dict) -> torch.nn.Module:
     return model
 
 
-def load_checkpoint(path: Path) -> LoadedModel:
+def _random_init(build):
+    """`build()` under a fixed seed, so that "random-init" names the same weights on every run
+    (a resumed run continues with the weights it started with)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def load_checkpoint(path: Path, random_weights: bool = False) -> LoadedModel:
+    """A checkpoint's model; with `random_weights` its architecture with seeded random weights."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -92,9 +103,11 @@ def load_checkpoint(path: Path) -> LoadedModel:
     if "architecture" not in cfg:
         raise UserError(f"{config_path} does not name an 'architecture': add the timm model name it was built with.")
     try:
-        model = build_timm(cfg)
+        model = _random_init(lambda: build_timm(cfg)) if random_weights else build_timm(cfg)
     except RuntimeError as err:
         raise UserError(f"timm cannot build {cfg['architecture']!r} from {config_path}: {err}.") from None
+    if random_weights:
+        return _finish_checkpoint(model, cfg, weights, "random-init", "random-init")
     try:
         state = load_file(str(weights))
     except Exception as err:  # safetensors raises several types for a damaged file
@@ -104,6 +117,10 @@ def load_checkpoint(path: Path) -> LoadedModel:
         raise UserError(
             f"The weights in {weights} do not fit {cfg['architecture']} ({len(missing)} missing, {len(unexpected)} unexpected keys): check config.json."
         )
+    return _finish_checkpoint(model, cfg, weights, _hash_file(weights), f"checkpoint:{weights}")
+
+
+def _finish_checkpoint(model, cfg: dict, weights: Path, weights_hash: str, label: str) -> LoadedModel:
     model.eval()
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(cfg.get("mean", (0.5,) * 3)),
@@ -111,33 +128,96 @@ def load_checkpoint(path: Path) -> LoadedModel:
     return LoadedModel(model=model, name=cfg["architecture"], mean=tuple(cfg.get("mean", (0.5,) * 3)),
                        std=tuple(cfg.get("std", (0.5,) * 3)), input_size=input_size,
                        class_names=list(cfg.get("class_names", [])), source=str(weights),
-                       weights_hash=_hash_file(weights))
+                       weights_hash=weights_hash, weights=label)
 
 
-def load_model(spec: str | None = "embedded", num_classes: int | None = None, pretrained: bool = False) -> LoadedModel:
-    """`spec`: 'embedded' (default), 'embedded-swin', a timm model name, or a checkpoint path."""
+def cached_weights(spec: str):
+    """(tag, cached file or None, where it would be) of a timm name's pretrained weights.
+
+    Looks only in the local caches timm reads: the Hugging Face hub cache (`$HF_HUB_CACHE`, by
+    default ~/.cache/huggingface/hub) for weights on the hub, torch's hub cache
+    (`$TORCH_HOME/hub/checkpoints`) for weights given by URL. Never touches the network.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec)
+    if cfg is None:
+        raise UserError(f"timm has no pretrained weights for {spec!r}: give a checkpoint, or pass --random-weights.")
+    tag = cfg.tag or "default"
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo, name, cache_dir=constants.HF_HUB_CACHE, revision=revision or None)
+            if isinstance(found, str) and Path(found).is_file():
+                return tag, Path(found), f"hub {repo}"
+        where = f"hub {repo} in {constants.HF_HUB_CACHE}"
+    else:
+        where = "nowhere"
+    if cfg.url:
+        from urllib.parse import urlparse
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        if cached.is_file():
+            return tag, cached, "url"
+        where = f"{where} or {cached}" if cfg.hf_hub_id else str(cached)
+    return tag, None, where
+
+
+def load_model(spec: str | None = "embedded", num_classes: int | None = None, pretrained: bool | None = None,
+               random_weights: bool = False) -> LoadedModel:
+    """`spec`: 'embedded' (default), 'embedded-swin', a timm model name, or a checkpoint path.
+
+    A timm name loads its pretrained weights from the local cache (never from the network; a
+    missing cache entry is a one-line UserError saying how to provide them). `random_weights`
+    gives the same architecture with seeded random weights instead (`weights` = "random-init").
+    `pretrained=False` is the old spelling of `random_weights=True`.
+    """
     import timm
 
+    random_weights = bool(random_weights or pretrained is False)
     spec = spec or "embedded"
     if spec in EMBEDDED:
         path = EMBEDDED[spec]
         if not (path / "model.safetensors").exists():
             raise UserError(f"The embedded model {spec!r} is not built yet: run `python scripts/train_embedded_{'swin' if 'swin' in spec else 'vit'}.py`.")
-        return load_checkpoint(path)
+        loaded = load_checkpoint(path, random_weights=random_weights)
+        if not random_weights:
+            loaded.weights = f"embedded:{spec}"
+        return loaded
     p = Path(spec)
     if p.suffix in (".safetensors",) or p.is_dir():
-        return load_checkpoint(p)
+        return load_checkpoint(p, random_weights=random_weights)
     if p.suffix in (".pth", ".pt", ".bin"):
         raise UserError(f"{spec} is a raw PyTorch file: save it as model.safetensors with a config.json naming its timm architecture.")
-    if spec not in timm.list_models():
+    if not timm.is_model(spec):
         raise UserError(f"Unknown model {spec!r}: give 'embedded', a timm model name (e.g. vit_base_patch16_224) or a checkpoint path.")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    try:
-        model = timm.create_model(spec, pretrained=pretrained, **kwargs)
-    except Exception as err:
-        raise UserError(f"Cannot load pretrained weights for {spec!r} ({type(err).__name__}): put them in the local cache or use pretrained=False.") from None
+    if random_weights:
+        model = _random_init(lambda: timm.create_model(spec, pretrained=False, **kwargs))
+        weights_hash = label = "random-init"
+    else:
+        tag, cached, where = cached_weights(spec)
+        if cached is None:
+            raise UserError(
+                f"The pretrained weights of {spec} are not in the local cache (looked for {where}): download them once "
+                f"with network access (python -c \"import timm; timm.create_model('{spec}', pretrained=True)\"), "
+                f"or give a checkpoint (.safetensors with config.json), or pass --random-weights."
+            )
+        # load the cached file directly: timm reads it like a checkpoint and adapts the classifier
+        overlay = {"file": str(cached)}
+        if where != "url":
+            overlay["custom_load"] = False  # hub files are plain state dicts
+        try:
+            model = timm.create_model(spec, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        except Exception as err:
+            raise UserError(f"Cannot read the cached weights {cached} of {spec} ({type(err).__name__}: {err}): "
+                            f"delete the file and download it again.") from None
+        weights_hash, label = _hash_file(cached), f"pretrained:{tag}"
     model.eval()
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     return LoadedModel(model=model, name=spec, mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
                        input_size=tuple(cfg.get("input_size", (3, 224, 224))), source=f"timm:{spec}",
-                       weights_hash="pretrained" if pretrained else "random-init")
+                       weights_hash=weights_hash, weights=label)
