@@ -62,19 +62,23 @@ def explain_cmd(
     html: Optional[Path] = typer.Option(None, "--html", help="With --text: also write the coloured words as an HTML page."),
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
+    precision: str = typer.Option("float64", "--precision", help="float64 (the same map on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class."""
+    from .precision import check_precision
+
+    precision = check_precision(precision)
     if text is not None:
         from .commands.text import explain_text
 
-        explain_text(text=text, model=model, method=method, target=target, html=html)
+        explain_text(text=text, model=model, method=method, target=target, html=html, precision=precision)
         return
     if not images:
         raise UserError("Give at least one image file to explain (or --text \"...\" for a text model).")
     from .visualize import explain_images
 
     explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
-                   pretrained=not random_weights)
+                   pretrained=not random_weights, precision=precision)
 
 
 def _register_commands():

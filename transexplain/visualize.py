@@ -60,8 +60,9 @@ def _to_display(x: torch.Tensor, mean, std) -> np.ndarray:
     return (x.cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False):
-    """The work behind `tx-bench explain IMAGE...`."""
+def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False,
+                   precision: str = "float64"):
+    """The work behind `tx-bench explain IMAGE...`; the maps are computed in `precision`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +85,7 @@ def explain_images(paths, model_spec, method, methods, target, out: Path, crop: 
         chosen = method_names() if methods == "all" else [get_method(m.strip()).name for m in methods.split(",")]
     else:
         chosen = [get_method(method).name]
-    results = {m: explain(loaded.model, batch, method=m, target=target) for m in chosen}
+    results = {m: explain(loaded.model, batch, method=m, target=target, precision=precision) for m in chosen}
     first = results[chosen[0]]
     for i, p in enumerate(paths):
         pred = int(first.logits[i].argmax())

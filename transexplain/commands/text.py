@@ -61,6 +61,7 @@ def register(app: typer.Typer):
         strict: bool = typer.Option(False, "--strict", help="Stop at a malformed jsonl line instead of skipping it."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
+        precision: str = typer.Option("float64", "--precision", help="float64 (the same numbers on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
     ):
         """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
         import os
@@ -70,6 +71,9 @@ def register(app: typer.Typer):
             raise UserError(f"--limit must be at least 1, got {limit}.")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
+        from ..precision import check_precision
+
+        precision = check_precision(precision)
         methods = _methods(method)
         examples, data_desc = _load_examples(data, split, limit, strict, quiet)
         if not examples:
@@ -82,9 +86,10 @@ def register(app: typer.Typer):
         torch.manual_seed(0)
         mdl, tok = load_text_model(model)
         config = {"methods": methods, "model": model, "data": data_desc, "split": split, "limit": limit,
-                  "documents": len(examples), "faithfulness": not no_faithfulness, "version": "eraser-v1"}
+                  "documents": len(examples), "faithfulness": not no_faithfulness, "version": "eraser-v1",
+                  "precision": precision}
         sums = run_eraser(examples, mdl, tok, methods, out, config, batch_size=batch_size, overwrite=overwrite,
-                          quiet=quiet, faithfulness=not no_faithfulness)
+                          quiet=quiet, faithfulness=not no_faithfulness, precision=precision)
         ks = (5, 10, 20, 40, 80)
         typer.echo(f"ERASER token F1 (instance macro) on {len(examples)} documents of {data_desc}:")
         typer.echo(f"{'method':26s}" + "".join(f"  k={k:<5d}" for k in ks) + "  IOU-F1   AUPRC   comp    suff")
@@ -99,8 +104,10 @@ def register(app: typer.Typer):
         typer.echo(f"Results written to {out}")
 
 
-def word_relevance(text: str, model_spec: str = "embedded", method: str = "transformer_attribution", target=None):
-    """(words, word scores normalised to [0, 1], predicted label, explained label, probabilities)."""
+def word_relevance(text: str, model_spec: str = "embedded", method: str = "transformer_attribution", target=None,
+                   precision: str = "float64"):
+    """(words, word scores normalised to [0, 1], predicted label, explained label, probabilities);
+    computed in `precision` (float64 by default, or float32)."""
     import numpy as np
 
     from ..api import explain
@@ -120,7 +127,8 @@ def word_relevance(text: str, model_spec: str = "embedded", method: str = "trans
         raise UserError(f"Target class {target} is out of range: the model has {adapter.num_classes} classes (0..{adapter.num_classes - 1}).")
     import torch
 
-    expl = explain(adapter, x, method=method, target=None if target is None else torch.tensor([int(target)]))
+    expl = explain(adapter, x, method=method, target=None if target is None else torch.tensor([int(target)]),
+                   precision=precision)
     ws = word_scores(expl.token_map[0].double().numpy(), x.word_ids[0], x.special_mask[0].numpy(), len(words))
     ws = np.where(np.isfinite(ws), ws, 0.0)
     top = ws.max()
@@ -131,13 +139,14 @@ def word_relevance(text: str, model_spec: str = "embedded", method: str = "trans
     return words, norm, names.get(pred, str(pred)), names.get(int(expl.target[0]), str(int(expl.target[0]))), probs
 
 
-def explain_text(text: str, model: str = "embedded", method: str = "transformer_attribution", target=None, html=None):
+def explain_text(text: str, model: str = "embedded", method: str = "transformer_attribution", target=None, html=None,
+                 precision: str = "float64"):
     """Print the words coloured by relevance (ANSI background) and the predicted class; --html writes a page.
 
     Colours are used on a terminal or with FORCE_COLOR set (never with NO_COLOR); otherwise each word
     is followed by its score in brackets. Scores are word relevances divided by the largest one.
     """
-    words, scores, pred, explained, probs = word_relevance(text, model or "embedded", method, target)
+    words, scores, pred, explained, probs = word_relevance(text, model or "embedded", method, target, precision)
     import os
     import sys
 

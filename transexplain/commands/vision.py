@@ -40,13 +40,37 @@ def model_classes(loaded) -> int:
     return int(as_adapter(loaded.model).num_classes)
 
 
-def common_config(loaded, methods, data, data_source, limit, crop) -> dict:
+def check_precision_option(precision: str) -> str:
+    from ..precision import check_precision
+
+    return check_precision(precision)
+
+
+def checkpoint_identity(loaded) -> tuple:
+    """(timm architecture, pretrained tag): the tag only for timm's own pretrained weights (a
+    checkpoint's or a random-init model's pretrained_cfg names a tag its weights do not have)."""
+    cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or str(loaded.name).split(".")[0]
+    label = str(getattr(loaded, "weights", "") or "")
+    if not str(loaded.source).startswith("timm:"):
+        return arch, None
+    if label.startswith("pretrained:"):
+        return arch, label.split(":", 1)[1] or None
+    return arch, (cfg.get("tag") or None) if loaded.weights_hash == "pretrained" else None
+
+
+def common_config(loaded, methods, data, data_source, limit, crop, precision: str = "float64",
+                  batch_size: int | None = None) -> dict:
     import transexplain
 
+    architecture, tag = checkpoint_identity(loaded)
     return {"methods": methods, "model": loaded.name, "model_source": loaded.source,
-            "weights_hash": loaded.weights_hash, "data": str(data), "data_source": data_source, "limit": limit,
+            "weights_hash": loaded.weights_hash, "weights": getattr(loaded, "weights", None) or None,
+            "architecture": architecture, "pretrained_tag": tag,
+            "data": str(data), "data_source": data_source, "limit": limit,
             "crop": bool(crop), "input_size": list(loaded.input_size), "mean": list(loaded.mean),
-            "std": list(loaded.std), "version": transexplain.__version__}
+            "std": list(loaded.std), "version": transexplain.__version__, "precision": precision,
+            "batch_size": batch_size}
 
 
 def embedded_default(data, key: str, what: str):
@@ -60,11 +84,13 @@ def embedded_default(data, key: str, what: str):
     return data, "embedded"
 
 
-def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run):
+def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run, device: str = "cpu"):
     """Open the results file, run (or resume) into it unless it is complete, then print the table."""
     from ..results import ResultStore
+    from ..results.environment import collect_environment
 
-    store = ResultStore(out, config, overwrite=overwrite)
+    store = ResultStore(out, config, overwrite=overwrite,
+                        environment=collect_environment(config.get("precision"), device))
     if store.is_complete:
         typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
     else:
@@ -92,6 +118,8 @@ def perturb(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images (class-balanced for class folders)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images explained per batch (x9 perturbed copies each)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option("float64", "--precision", help="float64 (the same numbers on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file."),
@@ -116,7 +144,8 @@ def perturb(
         raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
     methods = resolve_methods(method)
     device = check_device(device)
-    loaded = load_model(model)
+    precision = check_precision_option(precision)
+    loaded = load_model(model, random_weights=random_weights)
     data, source = embedded_default(data, "val", "validation set")
     pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std, crop=crop)
     try:
@@ -124,14 +153,16 @@ def perturb(
                                      class_names=loaded.class_names)
     except PermissionError:
         raise UserError(f"Cannot read {data} (permission denied): give a readable image folder.") from None
-    config = {"benchmark": "perturbation", **common_config(loaded, methods, Path(data).resolve(), source, limit, crop),
+    config = {"benchmark": "perturbation", **common_config(loaded, methods, Path(data).resolve(), source, limit, crop,
+                                                           precision, batch_size),
               "labels": str(Path(labels).resolve()) if labels else None, "tests": list(PERTURB_TESTS[test]),
               "targets": list(PERTURB_TARGETS[target]), "steps": list(PERTURBATION_STEPS),
               "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index"}
     out = out or Path("results") / f"perturb_{'all' if method == 'all' else '+'.join(methods)}.h5"
     run_resumable(out, config, overwrite, quiet, lambda store: run_perturbation(
         loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
-        batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet))
+        batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet,
+        precision=precision), device=device)
 
 
 def segment(
@@ -141,6 +172,8 @@ def segment(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option("float64", "--precision", help="float64 (the same numbers on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file."),
@@ -156,18 +189,20 @@ def segment(
         raise UserError("--crop does not apply to segment (image and mask are both resized to the model input): drop it.")
     methods = resolve_methods(method)
     device = check_device(device)
-    loaded = load_model(model)
+    precision = check_precision_option(precision)
+    loaded = load_model(model, random_weights=random_weights)
     data, source = embedded_default(data, "seg", "segmentation set")
     try:
         seg = SegmentationData(data, Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std))
     except PermissionError:
         raise UserError(f"Cannot read {data} (permission denied): give a readable gtsegs_ijcv.mat.") from None
-    config = {"benchmark": "segmentation", **common_config(loaded, methods, Path(data).resolve(), source, limit, False),
+    config = {"benchmark": "segmentation", **common_config(loaded, methods, Path(data).resolve(), source, limit, False,
+                                                           precision, batch_size),
               "target": "pred", "threshold": "mean", "mask_resize": "nearest"}
     out = out or Path("results") / f"segment_{'all' if method == 'all' else '+'.join(methods)}.h5"
     run_resumable(out, config, overwrite, quiet, lambda store: run_segmentation(
         loaded, seg, store, methods, limit=limit, batch_size=batch_size, forward_batch=max(256, batch_size),
-        device=device, save_maps=save_maps, quiet=quiet))
+        device=device, save_maps=save_maps, quiet=quiet, precision=precision), device=device)
 
 
 def report(
@@ -182,7 +217,12 @@ def report(
     if store.benchmark == "eraser":
         from ..evaluation import eraser
 
-        typer.echo(eraser.report_text(results, fmt))
+        from ..results.tables import notes_under_table
+
+        typer.echo(eraser.report_text(results, fmt).rstrip("\n"))
+        if fmt != "csv":
+            typer.echo("")
+        typer.echo(notes_under_table(store, "eraser", fmt))
         if plot is not None:
             eraser.plot(results, plot)
             typer.echo(f"Plot written to {plot}")

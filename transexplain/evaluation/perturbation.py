@@ -1,11 +1,11 @@
 """The ImageNet perturbation test: remove the most (positive) or least (negative) relevant pixels.
 
-Protocol (docs: /work/shared/spec/benchmarks.md §1): for p in 0.1..0.9 the top `int(H·W·p)`
-pixels of the upsampled, min-max normalised map are set to black (0 in [0, 1] space, i.e.
-`-mean/std` after normalisation), cumulatively; the score is top-1 accuracy against the
-ground-truth label whatever class was explained. Ties in the map are broken by a stable sort on
-the flat pixel index (row-major): among equal values the lower index is removed first, in both
-tests. The nine masked copies of a whole batch come from one argsort and run through the model
+Protocol (configs/paper.toml [protocol.perturbation]; README, "Benchmarks on real data"): for p in
+0.1..0.9 the top `int(H·W·p)` pixels of the upsampled, min-max normalised map are set to black (0 in
+[0, 1] space, i.e. `-mean/std` after normalisation), cumulatively; the score is top-1 accuracy
+against the ground-truth label whatever class was explained. Ties in the map are broken by a stable
+sort on the flat pixel index (row-major): among equal values the lower index is removed first, in
+both tests. The nine masked copies of a whole batch come from one argsort and run through the model
 in large batches; there is no per-image loop on the hot path.
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def maybe_kill(batches_done: int):
 
 def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pred",), limit=None,
                      batch_size: int = 32, forward_batch: int = 256, device: str = "cpu",
-                     save_maps: bool = False, quiet: bool = False) -> dict:
+                     save_maps: bool = False, quiet: bool = False, precision: str = "float64") -> dict:
     """Run the perturbation test for every method, test and target; resume from `store`'s commit.
 
     loaded: a `LoadedModel`; dataset: an `ImageFolderDataset`; store: a `ResultStore` whose config
@@ -110,14 +110,18 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
     Groups written: `clean` (index, name, label, pred, hit), `<method>/<target>` (target; map
     when save_maps), `<method>/<target>/<test>` (hits: (N, 10) bool, step 0 = clean image),
     `skipped` (index, name).
+    precision: "float64" (default) or "float32": every forward (clean and perturbed) and every
+    explanation runs in it, on a cast copy of the model (`transexplain.precision.at_precision`).
     """
     from .. import explain
     from ..explainers import get_method
-    from ..models import as_adapter
     from ..data.imagenet import Preprocess
+    from ..precision import PRECISIONS, adapter_at, at_precision, check_precision
 
-    model = loaded.model.to(device).eval()
-    adapter = as_adapter(model)
+    precision = check_precision(precision)
+    model = at_precision(loaded.model.to(device).eval(), precision)
+    adapter = adapter_at(model, precision)
+    dtype = PRECISIONS[precision]
     fill = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std).fill.to(device)
     stop = len(dataset) if limit is None else min(limit, len(dataset))
     start = store.position
@@ -129,7 +133,7 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
             rows["skipped"] = {"index": np.array([s[0] for s in skipped], dtype=np.int64),
                                "name": np.array([s[1] for s in skipped], dtype=object)}
         if images:
-            x = torch.stack(images).to(device)
+            x = torch.stack(images).to(device=device, dtype=dtype)
             y = torch.tensor(labels, dtype=torch.long, device=device)
             pred = predict(model, x, forward_batch)
             clean_hit = pred == y
@@ -148,12 +152,12 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
                         hits = {test: h.clone() for test, h in pred_hits.items()}
                         if redo.any():
                             sub = redo.nonzero().squeeze(1)
-                            maps[sub] = explain(adapter, x[sub], method=method, target=y[sub]).heatmap.to(maps)
+                            maps[sub] = explain(adapter, x[sub], method=method, target=y[sub], precision=precision).heatmap.to(maps)
                             for test in tests:
                                 hits[test][sub] = perturbation_hits(model, x[sub], maps[sub], y[sub], fill,
                                                                     test == "positive", forward_batch)
                     else:
-                        maps = explain(adapter, x, method=method, target=wanted).heatmap
+                        maps = explain(adapter, x, method=method, target=wanted, precision=precision).heatmap
                         hits = {test: perturbation_hits(model, x, maps, y, fill, test == "positive", forward_batch)
                                 for test in tests}
                     if target == "pred":

@@ -1,9 +1,10 @@
 """The ImageNet-Segmentation test: how well a relevance map, thresholded at its mean, finds the object.
 
-Protocol (docs: /work/shared/spec/benchmarks.md §2): image resized to the model input and
-normalised, mask resized with NEAREST; explanation of the predicted class; foreground = map >
-mean(map). Per image we store the counts the dataset-level metrics need (correct and labeled
-pixels, per-class intersection and union) and the image's AP, so any subset can be re-scored.
+Protocol (configs/paper.toml [protocol.segmentation]; README, "Benchmarks on real data"): image
+resized to the model input and normalised, mask resized with NEAREST; explanation of the predicted
+class; foreground = map > mean(map). Per image we store the counts the dataset-level metrics need
+(correct and labeled pixels, per-class intersection and union) and the image's AP, so any subset can
+be re-scored.
 """
 from __future__ import annotations
 
@@ -55,17 +56,20 @@ def segmentation_rows(maps: np.ndarray, masks: np.ndarray) -> dict:
 
 def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None, batch_size: int = 32,
                      forward_batch: int = 256, device: str = "cpu", save_maps: bool = False,
-                     quiet: bool = False) -> dict:
+                     quiet: bool = False, precision: str = "float64") -> dict:
     """Explain the predicted class of every image with every method and score the maps.
 
     Groups: `images` (index, pred), `<method>` (correct, labeled, inter, union, ap [, map]),
     `skipped` (index, name). Returns {method: {"pixel_accuracy", "miou", "map", "n"}} (percent).
+    precision: "float64" (default) or "float32", for the forwards and the explanations alike.
     """
     from .. import explain
-    from ..models import as_adapter
+    from ..precision import PRECISIONS, adapter_at, at_precision, check_precision
 
-    model = loaded.model.to(device).eval()
-    adapter = as_adapter(model)
+    precision = check_precision(precision)
+    model = at_precision(loaded.model.to(device).eval(), precision)
+    adapter = adapter_at(model, precision)
+    dtype = PRECISIONS[precision]
     stop = len(data) if limit is None else min(limit, len(data))
     start = store.position
     batches_done = 0
@@ -79,12 +83,12 @@ def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None,
         if bad:
             rows["skipped"] = {"index": np.array(bad, dtype=np.int64), "name": np.array([data.name(j) for j in bad], dtype=object)}
         if good:
-            x = torch.stack([item[0] for _, item in good]).to(device)
+            x = torch.stack([item[0] for _, item in good]).to(device=device, dtype=dtype)
             masks = np.stack([item[1] for _, item in good])
             pred = predict(model, x, forward_batch)
             rows["images"] = {"index": np.array([j for j, _ in good], dtype=np.int64), "pred": pred.cpu().numpy()}
             for method in methods:
-                maps = explain(adapter, x, method=method, target=pred).heatmap.detach().float().cpu().numpy()
+                maps = explain(adapter, x, method=method, target=pred, precision=precision).heatmap.detach().float().cpu().numpy()
                 rows[method] = segmentation_rows(maps, masks)
                 if save_maps:
                     rows[method]["map"] = maps.astype(np.float16)

@@ -2,7 +2,8 @@
 
 Layout of a file::
 
-    /                      attrs: benchmark (str), config (JSON str), format_version, complete (bool)
+    /                      attrs: benchmark (str), config (JSON str), format_version, complete (bool),
+                           environment (JSON list: every distinct software/hardware record the run saw)
     /<group>/              attrs: rows (int, committed row count), summary (JSON str, optional)
     /<group>/<name>        dataset, first axis = one row per example, resizable
 
@@ -25,6 +26,14 @@ The API is generic (no notion of images or texts) so that every benchmark can us
     store.done("rollout/positive"), store.read("rollout/positive", "hits")
     store.set_summary("rollout/positive", {"auc": 21.3})
     store.mark_complete()
+
+What the numbers were computed with (versions of torch, timm, transformers, numpy, h5py and python,
+the CPU kernel set or GPU, the precision; `environment.collect_environment`) is recorded when the
+file is created and again with the first rows a resumed session writes, when it differs: a resume
+in another environment adds a record rather than replacing it, so a report can say that a run was
+computed in more than one. Config keys in `RECORDED_ONLY` (the batch size) are recorded but do not
+make a resume refused (in the default float64 they do not change a number); a resume that writes
+rows with another value keeps every value used, as a list.
 """
 from __future__ import annotations
 
@@ -37,6 +46,8 @@ import numpy as np
 from ..errors import UserError
 
 FORMAT_VERSION = 1
+#: config keys that describe a run but do not define it: a resume may change them (all values are kept)
+RECORDED_ONLY = ("batch_size",)
 
 
 def canonical_json(config: dict) -> str:
@@ -54,6 +65,11 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _defining(config: dict) -> dict:
+    """The config without its RECORDED_ONLY keys: what a resume must match."""
+    return {k: v for k, v in config.items() if k not in RECORDED_ONLY}
 
 
 def _as_storable(rows) -> np.ndarray:
@@ -74,13 +90,18 @@ class ResultStore:
     An existing file is resumed when its config equals `config`; a different config raises a
     `UserError` unless `overwrite=True`, which starts the file over.
     `config=None` opens an existing file read-only (for reports).
+    environment: what this session computes with (`collect_environment(...)`); by default collected
+    here for the CPU with the config's "precision". Recorded at creation and with a resumed
+    session's first written rows (opening a finished run to show it records nothing).
     """
 
-    def __init__(self, path, config: dict | None = None, overwrite: bool = False, benchmark: str | None = None):
+    def __init__(self, path, config: dict | None = None, overwrite: bool = False, benchmark: str | None = None,
+                 environment: dict | None = None):
         import h5py
 
         self.path = Path(path)
         self.read_only = config is None
+        self._session = None  # what a resumed session records with its first rows
         if self.read_only:
             if not self.path.exists():
                 raise UserError(f"No results file at {self.path}: run a benchmark first or check the path.")
@@ -95,16 +116,20 @@ class ResultStore:
             self.path.unlink()
         if not self.path.exists():
             self._create()
+            with self._open("a") as f:
+                self._record_session(f, self.config, environment)
             return
         self._check_readable()
         with h5py.File(self.path, "r") as f:
             stored = f.attrs.get("config")
-        if stored is None or canonical_json(json.loads(stored)) != canonical_json(self.config):
-            differing = self._differences(json.loads(stored) if stored else {}, self.config)
+        old = json.loads(stored) if stored else None
+        if old is None or canonical_json(_defining(old)) != canonical_json(_defining(self.config)):
+            differing = self._differences(_defining(old or {}), _defining(self.config))
             raise UserError(
                 f"{self.path} holds a run with different settings ({differing}): use --overwrite to start over or --out to write elsewhere."
             )
         self._rollback()
+        self._session = (self._merge_recorded_only(old), environment)
 
     # ------------------------------------------------------------------ file handling
     def _create(self):
@@ -144,6 +169,56 @@ class ResultStore:
         diffs = [f"{k}: {old.get(k)!r} in the file vs {new.get(k)!r} now" for k in keys
                  if canonical_json({"v": old.get(k)}) != canonical_json({"v": new.get(k)})]
         return "; ".join(diffs[:3]) or "unreadable config"
+
+    def _merge_recorded_only(self, old: dict) -> dict:
+        """The stored config with this session's RECORDED_ONLY values added (one value: as is; more: a
+        list of every value, in order of use). `self.config` keeps the stored one until rows are written."""
+        merged = dict(old)
+        for key in RECORDED_ONLY:
+            if key not in self.config and key not in old:
+                continue
+            before = old.get(key)
+            values = list(before) if isinstance(before, list) else ([] if before is None else [before])
+            now = self.config.get(key)
+            if now is not None and now not in values:
+                values.append(now)
+            merged[key] = values[0] if len(values) == 1 else (values or None)
+            if key in old:
+                self.config[key] = old[key]
+            else:
+                self.config.pop(key, None)
+        return merged
+
+    def _record_session(self, f, config: dict, environment: dict | None):
+        """Write `config` (when it changed) and add `environment` to the file's list unless the same
+        record is there already; `f` is the file open for writing."""
+        if environment is None:
+            from .environment import collect_environment
+
+            environment = collect_environment(precision=config.get("precision"))
+        if canonical_json(config) != canonical_json(json.loads(f.attrs.get("config", "{}"))):
+            f.attrs["config"] = canonical_json(config)
+            self.config = json.loads(canonical_json(config))
+        record = json.loads(canonical_json(environment))
+        raw = f.attrs.get("environment")
+        known = json.loads(raw) if raw else []
+        if not any(canonical_json(e) == canonical_json(record) for e in known):
+            f.attrs["environment"] = canonical_json(known + [record])
+        f.flush()
+
+    def _begin_writing(self, f):
+        """Before a resumed session's first rows: record its batch size and environment."""
+        if self._session is not None:
+            config, environment = self._session
+            self._session = None
+            self._record_session(f, config, environment)
+
+    @property
+    def environments(self) -> list:
+        """The environment records of the sessions that wrote this file ([] for a file from before they were kept)."""
+        with self._open("r") as f:
+            raw = f.attrs.get("environment")
+        return json.loads(raw) if raw else []
 
     # ------------------------------------------------------------------ rows
     def done(self, group: str) -> int:
@@ -188,6 +263,7 @@ class ResultStore:
         """
         self._writable()
         with self._open("a") as f:
+            self._begin_writing(f)
             n = self._append(f, group, rows)
             if "commit" in f.attrs:  # keep a write_batch commit in step, or a reopen would roll this back
                 commit = json.loads(f.attrs["commit"])
@@ -207,6 +283,7 @@ class ResultStore:
         """
         self._writable()
         with self._open("a") as f:
+            self._begin_writing(f)
             commit = json.loads(f.attrs.get("commit", '{"position": 0, "rows": {}}'))
             for group, rows in rows_by_group.items():
                 commit["rows"][group] = self._append(f, group, rows)

@@ -1,8 +1,11 @@
 """Results as tables in the layout of the paper's Tables 1 and 2 (methods as columns).
 
 Markdown, CSV or LaTeX. The paper's numbers (configs/paper.toml) are printed beside ours only
-when the run followed the paper's protocol on real data; on the embedded default they would
-invite a comparison that means nothing.
+when the run used the paper's checkpoint (the architecture and timm pretrained tag it names) and
+followed its protocol on the full real data set; otherwise one line under the table says why they
+are left out (on the embedded default, or another checkpoint, they would invite a comparison that
+means nothing). Under every table come the precision and the environment the numbers were
+computed in (as `#` comment lines in CSV, `%` comment lines in LaTeX).
 """
 from __future__ import annotations
 
@@ -31,11 +34,45 @@ def paper_numbers(path: Path = PAPER_FILE) -> dict:
         return tomllib.load(f)
 
 
-def follows_paper_protocol(config: dict) -> bool:
-    """Real data (not the embedded default), 224x224 input, plain resize, the nine standard steps."""
+def paper_mismatches(config: dict, benchmark: str, images: int | None = None, paper: dict | None = None) -> list:
+    """Why a run's numbers cannot stand beside the paper's: [] when they can.
+
+    Checked: the model's architecture and its weights (timm's pretrained weights with the paper's
+    tag), real data (not the embedded default), the input size and plain resize, no --limit, and,
+    when `images` (examples seen, skipped ones included) is given, the full data set's size.
+    """
+    paper = paper_numbers() if paper is None else paper
+    want = paper.get("model", {})
+    protocol = paper.get("protocol", {}).get(benchmark, {})
+    reasons = []
+    pinned = want.get("name", "")
+    arch = config.get("architecture") or str(config.get("model") or "").split(".")[0]
+    tag = config.get("pretrained_tag")
+    if want.get("architecture") and arch != want["architecture"]:
+        reasons.append(f"model {config.get('model') or 'not recorded'} is not the paper's {pinned}")
+    elif not tag or not str(config.get("model_source", "")).startswith("timm:"):
+        weights = config.get("weights") or config.get("weights_hash") or "not recorded"
+        reasons.append(f"weights {weights} are not timm's pretrained {pinned}")
+    elif want.get("pretrained_tag") and tag != want["pretrained_tag"]:
+        reasons.append(f"pretrained tag {tag} is not the paper's {want['pretrained_tag']} ({pinned})")
+    if config.get("data_source") == "embedded":
+        reasons.append("data is the embedded shapes set, not the paper's")
     size = list(config.get("input_size", []))[-2:]
-    return (config.get("data_source") != "embedded" and not config.get("crop", False) and size == [224, 224]
-            and config.get("limit") is None)
+    wanted_size = list(protocol.get("input_size", [224, 224]))
+    if size != wanted_size:
+        reasons.append(f"input {'x'.join(map(str, size)) or 'not recorded'}, not {'x'.join(map(str, wanted_size))}")
+    if config.get("crop", False):
+        reasons.append("center crop, not the paper's plain resize")
+    if config.get("limit") is not None:
+        reasons.append(f"only the first {config['limit']} images (--limit)")
+    elif images is not None and protocol.get("images") and images != protocol["images"]:
+        reasons.append(f"{images} images, not the paper's full {protocol['images']}")
+    return reasons
+
+
+def follows_paper_protocol(config: dict, benchmark: str = "perturbation", images: int | None = None) -> bool:
+    """The paper's checkpoint on the paper's full real data, 224x224, plain resize (see paper_mismatches)."""
+    return not paper_mismatches(config, benchmark, images)
 
 
 def ordered(methods) -> list:
@@ -81,13 +118,23 @@ def _cell(ours, paper, with_paper: bool) -> str:
     return _number(ours)
 
 
+def images_seen(store) -> int | None:
+    """Examples the run went through, unreadable ones included (None when it cannot tell)."""
+    group = "clean" if store.benchmark == "perturbation" else "images"
+    info = store.summary(group)
+    if "n" not in info:
+        return None
+    return int(info["n"]) + int(info.get("skipped", 0))
+
+
 def _table_frame(store, benchmark: str, corner: str):
     """What both benchmark tables start from: the stored config, the methods in display order,
     whether the paper's numbers apply (and those numbers), and the header row."""
     config = store.config
     methods = ordered(config.get("methods", []))
-    with_paper = follows_paper_protocol(config)
-    paper = paper_numbers().get(benchmark, {}) if with_paper else {}
+    published = paper_numbers()
+    with_paper = bool(published) and not paper_mismatches(config, benchmark, images_seen(store), published)
+    paper = published.get(benchmark, {}) if with_paper else {}
     return config, methods, with_paper, paper, [corner] + [DISPLAY.get(m, m) for m in methods]
 
 
@@ -132,6 +179,10 @@ def run_description(store) -> str:
         text += f", {info['skipped']} skipped (unreadable)"
     if "accuracy" in info and info["accuracy"] == info["accuracy"]:
         text += f" | clean accuracy {100 * info['accuracy']:.2f}%"
+    text += f" | precision {c.get('precision') or 'not recorded'}"
+    if c.get("batch_size") is not None:
+        sizes = c["batch_size"] if isinstance(c["batch_size"], list) else [c["batch_size"]]
+        text += f" | batch size {', '.join(map(str, sizes))}"
     if not store.is_complete:
         text += " | INCOMPLETE run: numbers cover the images done so far"
     return text
@@ -151,7 +202,32 @@ def report_text(path, fmt: str = "markdown") -> str:
         table = segmentation_table(store, fmt)
     else:
         raise UserError(f"{path} holds a {benchmark or 'unknown'} benchmark that this report does not know: give a perturbation or segmentation results file.")
+    notes = notes_under_table(store, benchmark, fmt)
     if fmt == "csv":
-        return table
+        return f"{table}\n{notes}"
     prefix = "% " if fmt == "latex" else ""
-    return f"{prefix}{run_description(store)}\n\n{table}"
+    return f"{prefix}{run_description(store)}\n\n{table}\n\n{notes}"
+
+
+def paper_note(store, benchmark: str) -> str | None:
+    """The one line saying why the paper's numbers are not beside ours (None when they are, or
+    when the paper has no table for this benchmark)."""
+    published = paper_numbers()
+    if benchmark not in published:
+        return None
+    reasons = paper_mismatches(store.config, benchmark, images_seen(store), published)
+    if not reasons:
+        return None
+    return "Paper numbers not shown: " + "; ".join(reasons) + "."
+
+
+def notes_under_table(store, benchmark: str, fmt: str) -> str:
+    """The lines printed under a results table: why the paper's numbers are missing (when they
+    are), then the environment the numbers were computed in. CSV gets them as `# ` comment lines,
+    LaTeX as `% ` comment lines."""
+    from .environment import environment_lines
+
+    lines = [line for line in [paper_note(store, benchmark)] if line]
+    lines += environment_lines(store.environments)
+    prefix = {"csv": "# ", "latex": "% "}.get(fmt, "")
+    return "\n".join(prefix + line for line in lines)
