@@ -63,8 +63,9 @@ def compute_maps(model_spec: str, n: int, methods, precision: str, noise: float 
 
 
 def kernel_maps(model_spec: str, n: int, methods, precision: str, capability: str | None, timeout: float = 600,
-                noise: float = 0.0) -> dict:
-    """`compute_maps` in a fresh process whose kernels are `capability` (None: the machine's own)."""
+                noise: float = 0.0, epsilon: str | None = None) -> dict:
+    """`compute_maps` in a fresh process whose kernels are `capability` (None: the machine's own);
+    `epsilon` sets that option of every (LRP-based) method named."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("ATEN_CPU_CAPABILITY", None)
     if capability:
@@ -72,7 +73,7 @@ def kernel_maps(model_spec: str, n: int, methods, precision: str, capability: st
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "maps.npz")
         cmd = [sys.executable, "-m", "transexplain.evaluation.stability", path, model_spec, str(n), ",".join(methods),
-               precision, str(noise)]
+               precision, str(noise), epsilon or ""]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"maps under ATEN_CPU_CAPABILITY={capability}: {done.stderr[-2000:]}")
@@ -94,8 +95,11 @@ def _child(argv):
     ap.add_argument("methods")
     ap.add_argument("precision")
     ap.add_argument("noise", type=float)
+    ap.add_argument("epsilon", nargs="?", default="")
     a = ap.parse_args(argv)
-    maps = compute_maps(a.model, a.n, a.methods.split(","), a.precision, noise=a.noise)
+    methods = a.methods.split(",")
+    options = {m: {"epsilon": a.epsilon} for m in methods} if a.epsilon else None
+    maps = compute_maps(a.model, a.n, methods, a.precision, noise=a.noise, options=options)
     np.savez(a.out, **maps, _capability=np.array(capability_in_use()))
 
 
