@@ -24,8 +24,9 @@ TOLERANCE = {"perturbation_auc": 0.5, "segmentation": 0.5, "clean_accuracy": rou
 
 
 def compute(perturb_limit: int = PERTURB_LIMIT, seg_limit: int = SEG_LIMIT, batch_size: int = BATCH_SIZE,
-            quiet: bool = True) -> dict:
-    """Run both benchmarks on the embedded model and data for every method; return the numbers."""
+            quiet: bool = True, methods=None, method_options: dict | None = None, precision: str = "float64") -> dict:
+    """Run both benchmarks on the embedded model and data for every method (or `methods`, with
+    `method_options`); return the numbers."""
     from transexplain.data.imagenet import ImageFolderDataset, Preprocess
     from transexplain.data.shapes import VERSION, embedded_paths
     from transexplain.evaluation.perturbation import run_perturbation
@@ -37,7 +38,7 @@ def compute(perturb_limit: int = PERTURB_LIMIT, seg_limit: int = SEG_LIMIT, batc
 
     loaded = load_model("embedded")
     paths = embedded_paths()
-    methods = list(method_names())
+    methods = list(methods or method_names())
     pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std)
     numbers = {"model_weights_hash": loaded.weights_hash, "data": VERSION, "perturb_limit": perturb_limit,
                "seg_limit": seg_limit, "methods": {}}
@@ -48,13 +49,15 @@ def compute(perturb_limit: int = PERTURB_LIMIT, seg_limit: int = SEG_LIMIT, batc
         store = ResultStore(Path(tmp) / "p.h5", {"benchmark": "perturbation"})
         start = time.perf_counter()
         pert = run_perturbation(loaded, ds, store, methods, tests=("positive", "negative"), targets=("pred", "true"),
-                                limit=perturb_limit, batch_size=batch_size, forward_batch=9 * batch_size, quiet=quiet)
+                                limit=perturb_limit, batch_size=batch_size, forward_batch=9 * batch_size, quiet=quiet,
+                                precision=precision, method_options=method_options)
         timings["perturbation_s"] = round(time.perf_counter() - start, 1)
         numbers["clean_accuracy"] = 100 * store.summary("clean")["accuracy"]
         seg_store = ResultStore(Path(tmp) / "s.h5", {"benchmark": "segmentation"})
         start = time.perf_counter()
         seg = run_segmentation(loaded, SegmentationData(paths["seg"], pre), seg_store, methods, limit=seg_limit,
-                               batch_size=batch_size, forward_batch=256, quiet=quiet)
+                               batch_size=batch_size, forward_batch=256, quiet=quiet, precision=precision,
+                               method_options=method_options)
         timings["segmentation_s"] = round(time.perf_counter() - start, 1)
     for m in methods:
         numbers["methods"][m] = {

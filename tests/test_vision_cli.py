@@ -223,7 +223,9 @@ def test_report_puts_the_paper_numbers_beside_ours_only_for_the_paper_protocol(t
     from transexplain.results import ResultStore
 
     base = {"benchmark": "perturbation", "methods": ["rollout", "transformer_attribution"], "tests": ["negative"],
-            "targets": ["pred"], "input_size": [3, 224, 224], "crop": False, "limit": None}
+            "targets": ["pred"], "input_size": [3, 224, 224], "crop": False, "limit": None,
+            "model": "vit_base_patch16_224.orig_in21k_ft_in1k", "model_source": "timm:vit_base_patch16_224.orig_in21k_ft_in1k",
+            "architecture": "vit_base_patch16_224", "pretrained_tag": "orig_in21k_ft_in1k"}
     for source, expect_paper in (("user", True), ("embedded", False)):
         path = tmp_path / f"{source}.h5"
         store = ResultStore(path, {**base, "data_source": source})

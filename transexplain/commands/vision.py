@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
+from ..results.paths import check_output_path
 
 PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
@@ -89,6 +90,7 @@ def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run, de
     from ..results import ResultStore
     from ..results.environment import collect_environment
 
+    check_output_path(out)
     store = ResultStore(out, config, overwrite=overwrite,
                         environment=collect_environment(config.get("precision"), device))
     if store.is_complete:

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 
+from .. import interrupt
 from .metrics import PERTURBATION_STEPS, accuracy_curve, perturbation_auc, removal_counts
 
 TESTS = ("positive", "negative")
@@ -102,7 +103,8 @@ def maybe_kill(batches_done: int):
 
 def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pred",), limit=None,
                      batch_size: int = 32, forward_batch: int = 256, device: str = "cpu",
-                     save_maps: bool = False, quiet: bool = False, precision: str = "float64") -> dict:
+                     save_maps: bool = False, quiet: bool = False, precision: str = "float64",
+                     method_options: dict | None = None) -> dict:
     """Run the perturbation test for every method, test and target; resume from `store`'s commit.
 
     loaded: a `LoadedModel`; dataset: an `ImageFolderDataset`; store: a `ResultStore` whose config
@@ -127,6 +129,7 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
     start = store.position
     batches_done = 0
     bar = progress_bar(stop, start, quiet, "perturbation")
+    interrupt.progress(start, stop)
     for end, idx, images, labels, names, skipped in batches(dataset, start, stop, batch_size):
         rows = {}
         if skipped:
@@ -152,12 +155,14 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
                         hits = {test: h.clone() for test, h in pred_hits.items()}
                         if redo.any():
                             sub = redo.nonzero().squeeze(1)
-                            maps[sub] = explain(adapter, x[sub], method=method, target=y[sub], precision=precision).heatmap.to(maps)
+                            maps[sub] = explain(adapter, x[sub], method=method, target=y[sub], precision=precision,
+                                  **(method_options or {}).get(method, {})).heatmap.to(maps)
                             for test in tests:
                                 hits[test][sub] = perturbation_hits(model, x[sub], maps[sub], y[sub], fill,
                                                                     test == "positive", forward_batch)
                     else:
-                        maps = explain(adapter, x, method=method, target=wanted, precision=precision).heatmap
+                        maps = explain(adapter, x, method=method, target=wanted, precision=precision,
+                                  **(method_options or {}).get(method, {})).heatmap
                         hits = {test: perturbation_hits(model, x, maps, y, fill, test == "positive", forward_batch)
                                 for test in tests}
                     if target == "pred":
@@ -170,6 +175,7 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
                         full = torch.cat([clean_hit.view(-1, 1), hits[test]], dim=1)
                         rows[f"{group}/{test}"] = {"hits": full.cpu().numpy()}
         store.write_batch(rows, position=end)
+        interrupt.progress(end, stop)
         batches_done += 1
         bar.update(end - bar.n)
         maybe_kill(batches_done)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import interrupt
 from .metrics import (average_precision, intersection_union, mean_average_precision, mean_iou, pixel_accuracy,
                       pixel_counts, threshold_at_mean)
 from .perturbation import maybe_kill, predict, progress_bar
@@ -56,7 +57,8 @@ def segmentation_rows(maps: np.ndarray, masks: np.ndarray) -> dict:
 
 def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None, batch_size: int = 32,
                      forward_batch: int = 256, device: str = "cpu", save_maps: bool = False,
-                     quiet: bool = False, precision: str = "float64") -> dict:
+                     quiet: bool = False, precision: str = "float64",
+                     method_options: dict | None = None) -> dict:
     """Explain the predicted class of every image with every method and score the maps.
 
     Groups: `images` (index, pred), `<method>` (correct, labeled, inter, union, ap [, map]),
@@ -74,6 +76,7 @@ def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None,
     start = store.position
     batches_done = 0
     bar = progress_bar(stop, start, quiet, "segmentation")
+    interrupt.progress(start, stop)
     for i in range(start, stop, batch_size):
         end = min(stop, i + batch_size)
         loaded_items = [(j, data.load(j)) for j in range(i, end)]
@@ -88,11 +91,13 @@ def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None,
             pred = predict(model, x, forward_batch)
             rows["images"] = {"index": np.array([j for j, _ in good], dtype=np.int64), "pred": pred.cpu().numpy()}
             for method in methods:
-                maps = explain(adapter, x, method=method, target=pred, precision=precision).heatmap.detach().float().cpu().numpy()
+                maps = explain(adapter, x, method=method, target=pred, precision=precision,
+                                  **(method_options or {}).get(method, {})).heatmap.detach().float().cpu().numpy()
                 rows[method] = segmentation_rows(maps, masks)
                 if save_maps:
                     rows[method]["map"] = maps.astype(np.float16)
         store.write_batch(rows, position=end)
+        interrupt.progress(end, stop)
         batches_done += 1
         bar.update(end - bar.n)
         maybe_kill(batches_done)
