@@ -57,15 +57,24 @@ def test_spans_and_iou_f1_by_hand():
     # the predicted span (0,2) overlaps (0,4) with IOU 1/2: exactly at the threshold counts
     assert E.iou_precision_recall([(0, 2)], [(0, 4)]) == (1.0, 1.0)
     assert E.iou_precision_recall([(0, 1)], [(0, 4)]) == (0.0, 0.0)
-    assert E.iou_f1([(0.5, 0.5), (1.0, 1.0), (0.0, 0.0)]) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    # our corrected IOU-F1 is the mean of the per-document F1 (the official one: test_official_scorers.py)
+    assert E.iou_f1_corrected([(0.5, 0.5), (1.0, 1.0), (0.0, 0.0)]) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
 
 
-def test_auprc_by_hand():
+def test_average_precision_and_auprc_by_hand():
+    # (what this project called AUPRC until the official names were followed: it is the official
+    # `average_precision`; the official `auprc` is the trapezoid area, test_official_scorers.py)
     # ranking: 0.9 (gold), 0.8 (not), 0.7 (gold), 0.1 (not): AP = 1/2 * 1 + 1/2 * 2/3 = 5/6
-    assert E.auprc([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+    assert E.average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(5 / 6)
+    assert E.average_precision([0.1, 0.9], [0, 1]) == pytest.approx(1.0)
+    assert math.isnan(E.average_precision([0.1, 0.2], [0, 0]))
+    assert math.isnan(E.average_precision([0.1, 0.2], [1, 1]))  # single-class documents are discarded
+    assert E.average_precision([-np.inf, 1.0], [0, 1]) == pytest.approx(1.0)
+    # the same ranking's PR points (R, P): (0, 1) start, (1/2, 1), (1/2, 1/2), (1, 2/3), (1, 1/2);
+    # trapezoids: 1/2 * (1 + 1)/2 + 0 + 1/2 * (1/2 + 2/3)/2 + 0 = 1/2 + 7/24 = 19/24
+    assert E.auprc([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(19 / 24)
     assert E.auprc([0.1, 0.9], [0, 1]) == pytest.approx(1.0)
     assert math.isnan(E.auprc([0.1, 0.2], [0, 0]))
-    assert E.auprc([-np.inf, 1.0], [0, 1]) == pytest.approx(1.0)
 
 
 def test_aopc_and_fraction_counts():
@@ -82,8 +91,11 @@ def test_summarise_pools_counts():
         "label": np.array([1, 0]), "pred": np.array([1, 1]),
         "tp": np.array([[1] * 16, [2] * 16]), "n_pred": np.array([[5] * 16, [5] * 16]), "n_gold": np.array([2, 4]),
         "f1": np.array([[0.5] * 16, [0.25] * 16]), "auprc": np.array([0.5, np.nan]),
+        "average_precision": np.array([np.nan, 0.25]),
+        "iou_hits": np.array([1, 0]), "iou_n_pred": np.array([1, 2]), "iou_n_gold": np.array([1, 1]),
         "iou_p": np.array([1.0, 0.0]), "iou_r": np.array([1.0, 0.0]),
         "comp": np.array([[0.1] * 5, [0.3] * 5]), "suff": np.array([[0.0] * 5, [0.2] * 5]),
+        "comp_corrected": np.array([[0.2] * 5, [0.4] * 5]), "suff_corrected": np.array([[0.1] * 5, [0.1] * 5]),
         "evidence_cut": np.array([0, 3]), "n_words": np.array([10, 600]), "n_seen": np.array([10, 500]),
     }
     s = E.summarise(rows)
@@ -91,8 +103,36 @@ def test_summarise_pools_counts():
     # pooled: tp 3, pred 10, gold 6 -> P 0.3, R 0.5, F1 0.375
     assert s["token_f1_micro"][0] == pytest.approx(0.375)
     assert s["auprc"] == pytest.approx(0.5)  # NaN documents (no gold words) are left out
+    assert s["average_precision"] == pytest.approx(0.25)
+    # official IOU-F1: mean P = (1/1 + 0/2)/2 = 1/2, mean R = (1/1 + 0/1)/2 = 1/2 -> F1 1/2
     assert s["iou_f1"] == pytest.approx(0.5)
+    assert s["iou_f1_corrected"] == pytest.approx(0.5)  # per-document F1 1 and 0
     assert s["comprehensiveness_aopc"] == pytest.approx(0.2)
     assert s["sufficiency_aopc"] == pytest.approx(0.1)
+    assert s["comprehensiveness_aopc_points"] == pytest.approx([0.2] * 5)
+    assert s["comprehensiveness_aopc_corrected"] == pytest.approx(0.3)
+    assert s["sufficiency_aopc_corrected"] == pytest.approx(0.1)
     assert s["accuracy"] == 0.5
     assert (s["evidence_tokens_cut"], s["documents_truncated"]) == (3, 1)
+
+
+def test_report_names_every_metric_in_every_format(tmp_path):
+    from transexplain.results.store import ResultStore
+
+    out = tmp_path / "r.h5"
+    store = ResultStore(out, {"benchmark": "eraser"}, benchmark="eraser")
+    summary = {"documents": 2, "k": [5, 10], "token_f1_macro": [0.25, 0.5], "iou_f1": 0.125, "iou_f1_corrected": 0.0625,
+               "auprc": 0.75, "average_precision": 0.8, "comprehensiveness_aopc": 0.3, "sufficiency_aopc": 0.1,
+               "comprehensiveness_aopc_corrected": 0.2, "sufficiency_aopc_corrected": 0.05, "accuracy": 1.0}
+    store.set_summary("rollout", summary)
+    store.mark_complete()
+    csv = E.report_text(out, "csv").splitlines()
+    assert csv[0] == "metric,k,rollout"
+    assert csv[1:3] == ["token_f1_macro,5,0.2500", "token_f1_macro,10,0.5000"]
+    assert "iou_f1,,0.1250" in csv and "iou_f1_corrected,,0.0625" in csv
+    assert "auprc,,0.7500" in csv and "average_precision,,0.8000" in csv
+    assert "comprehensiveness_aopc_corrected,,0.2000" in csv and len(csv) == 1 + 2 + len(E.REPORT_METRICS)
+    md = E.report_text(out, "markdown")
+    assert "| token_f1_macro at k | rollout |" in md and "| auprc | 0.7500 |" in md and "| iou_f1 | 0.1250 |" in md
+    tex = E.report_text(out, "latex")
+    assert "token\\_f1\\_macro at k & rollout" in tex and "average\\_precision & 0.8000" in tex

@@ -172,6 +172,26 @@ def test_average_precision_by_hand():
     assert average_precision(np.array([[0.3, 0.6]]), np.array([[1, 0]])) == pytest.approx((1 / 3 + 1 / 2) / 2)
 
 
+def test_average_precision_of_a_constant_map_is_the_reference_value_by_hand():
+    # mask: 1 foreground, 3 background pixels. The reference min-max normalises a constant map to
+    # NaN and sets both channels to 0: the 8 pooled scores all tie, 4 of them positive, so there is
+    # one threshold with P = 4/8 at R = 1 and AP = 1/2, whatever the constant.
+    mask = np.array([[1, 0], [0, 0]])
+    for value in (0.0, 0.25, 1.0):
+        assert average_precision(np.full((2, 2), value), mask) == 0.5
+    # (before: a zero map scored [1 - 0, 0] = [1, 0]; the four background-channel scores 1 hold the
+    # three background positives, P = 3/4 at R = 3/4, then P = 4/8 at R = 1:
+    # AP = 3/4 * 3/4 + 1/4 * 1/2 = 11/16 = f_bg^2 + (1 - f_bg)/2 with f_bg = 3/4)
+
+
+def test_miou_of_a_class_absent_from_the_set_counts_zero_or_is_skipped():
+    inter, union = np.array([[0, 3]]), np.array([[0, 4]])  # no background anywhere
+    assert mean_iou(inter, union) == pytest.approx(100 * (0 + 3 / 4) / 2)  # the reference: counts 0
+    assert mean_iou(inter, union, absent="skip") == pytest.approx(100 * 3 / 4)  # ours: left out
+    with pytest.raises(ValueError):
+        mean_iou(inter, union, absent="other")
+
+
 def test_map_is_the_mean_of_per_image_aps_in_percent():
     assert mean_average_precision([0.5, 1.0]) == pytest.approx(75.0)
 

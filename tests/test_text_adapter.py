@@ -17,8 +17,9 @@ from transexplain.models import as_adapter  # noqa: E402
 from transexplain.models.text import TextAdapter, TextBatch, build_minilm_classifier  # noqa: E402
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=100)
-METHODS = ["raw_attention", "rollout", "gradcam", "partial_lrp", "transformer_attribution", "generic_attention", "random"]
-CLASS_SPECIFIC = ["gradcam", "partial_lrp", "transformer_attribution", "generic_attention"]
+METHODS = ["raw_attention", "rollout", "gradcam", "partial_lrp", "full_lrp", "transformer_attribution", "generic_attention",
+           "random"]
+CLASS_SPECIFIC = ["gradcam", "partial_lrp", "full_lrp", "transformer_attribution", "generic_attention"]
 
 
 def tiny_bert(num_labels=3, dtype=torch.float64):
@@ -119,8 +120,8 @@ def test_ours_rules_conserve_relevance_through_blocks():
 
 def test_refusals_and_inputs():
     adapter = TextAdapter(tiny_bert())
-    with pytest.raises(UserError, match="full_lrp.*not defined"):
-        explain(adapter, {"input_ids": torch.tensor([[2, 7, 9]])}, method="full_lrp")
+    # full_lrp is defined for text (relevance at the embedding output, summed over hidden units)
+    assert explain(adapter, {"input_ids": torch.tensor([[2, 7, 9]])}, method="full_lrp").token_map.shape == (1, 3)
     with pytest.raises(UserError, match="no tokenizer"):
         adapter.prepare(["some text"])
     with pytest.raises(UserError, match="input_ids"):

@@ -34,9 +34,10 @@ def test_eraser_end_to_end_and_report(tmp_path):
     assert store.benchmark == "eraser" and store.is_complete
     assert store.summary("transformer_attribution")["documents"] == 4
     md = report_text(out, "markdown")
-    assert "| k | transformer_attribution |" in md and "| 80 |" in md
-    csv = report_text(out, "csv").splitlines()
-    assert csv[0] == "k,transformer_attribution" and len(csv) == 17
+    assert "| token_f1_macro at k | transformer_attribution |" in md and "| 80 |" in md and "| auprc |" in md
+    csv = report_text(out, "csv").splitlines()  # every row names its metric
+    assert csv[0] == "metric,k,transformer_attribution" and csv[1].startswith("token_f1_macro,5,")
+    assert any(r.startswith("iou_f1,,") for r in csv) and any(r.startswith("average_precision,,") for r in csv)
     assert "\\begin{tabular}" in report_text(out, "latex")
     plot(out, tmp_path / "f1.png")
     assert (tmp_path / "f1.png").stat().st_size > 1000

@@ -2,21 +2,30 @@
 
 Word scores (the paper's protocol): token scores are clamped at 0, special tokens are skipped, and a
 word's score is the max over its word-pieces. Documents longer than the model's maximum length
-(512 for BERT) are truncated as the paper did; the words cut off get no score (they are never
-chosen), and the evidence tokens among them are counted (`evidence_tokens_cut`).
+(512 for BERT) are truncated as the paper did; the words cut off get no score (never chosen for
+token F1 or IOU-F1; an official AOPC bin larger than the words in the window takes them last, in
+document order), and the evidence tokens among them are counted (`evidence_tokens_cut`).
 
 Metrics (all in [0, 1]):
 - token F1 for the top-k words, k = 5, 10, ..., 80: per document P = |pred ∩ gold| / |pred|,
   R = |pred ∩ gold| / |gold|, F1 = 2PR / (P + R) (0 when P + R = 0); `instance_macro` = mean of the
   per-document F1; `instance_micro` = F1 of the pooled counts (Σ|pred ∩ gold|, Σ|pred|, Σ|gold|);
-- IOU F1 at 0.5 (ERASER): the top-k words with k = the mean human rationale length of the evaluated
-  documents (rounded, at least 1) form contiguous predicted spans; a predicted span counts as a hit
-  when its IOU with some gold span is >= 0.5, a gold span is found when some predicted span has
-  IOU >= 0.5 with it; per document P = hits / #pred spans, R = found / #gold spans; macro mean of F1;
-- AUPRC: average precision of the soft word scores against the gold word mask, mean over documents;
-- comprehensiveness / sufficiency at the top q of words, q in 1, 5, 10, 20, 50 %
-  (k_q = max(1, round(q · #words))): comp_q = p(y|x) - p(y|x without the top k_q words),
-  suff_q = p(y|x) - p(y|only the top k_q words), y the true class; AOPC = the mean over the five q.
+- IOU-F1 at 0.5: the top-k words with k = the mean human rationale length of the evaluated
+  documents (rounded, at least 1) form contiguous predicted spans; a predicted span is a hit when
+  its IOU with some gold span is >= 0.5. `iou_f1` is the official scorer's (macro): per document
+  P = hits / #pred spans, R = hits / #gold spans (matched *predicted* spans, so R can exceed 1),
+  then the F1 of mean P and mean R; `iou_f1_corrected` is ours: R = gold spans matched by some
+  predicted span / #gold spans, and the mean of the per-document F1;
+- `auprc` (official): the trapezoid area under each document's precision-recall curve (scikit-learn's
+  precision_recall_curve + auc over all the document's words), mean over documents with a gold word;
+  `average_precision` (official; what we used to call AUPRC): scikit-learn's average precision,
+  mean over documents that have both gold and non-gold words;
+- comprehensiveness / sufficiency AOPC (official): bins q in 1, 5, 10, 20, 50 % of the document's
+  words, k_q = int(q · #words); comp_q = p(c|x) - p(c|x without the top k_q words),
+  suff_q = p(c|x) - p(c|only the top k_q words), c the model's predicted class on x; AOPC = the mean
+  over bins and documents. `*_aopc_corrected` (ours): c the true class (the one explained) and
+  k_q = max(1, round(q · #words inside the model's window)).
+docs/metrics.md has the definitions side by side and the values that changed.
 """
 from __future__ import annotations
 
@@ -99,41 +108,110 @@ def iou(a: tuple, b: tuple) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def iou_precision_recall(pred_spans: list, gold_spans: list, threshold: float = 0.5) -> tuple:
-    """(P, R) of one document: the share of predicted spans with IOU >= threshold to some gold span,
-    and the share of gold spans with IOU >= threshold to some predicted span."""
+def iou_match_counts(pred_spans: list, gold_spans: list, threshold: float = 0.5) -> tuple:
+    """(hits, found) of one document: the predicted spans whose best IOU with a gold span is
+    >= threshold, and the gold spans whose best IOU with a predicted span is >= threshold.
+
+    Repeated spans count once (the official scorer keeps spans in sets)."""
+    pred_spans, gold_spans = sorted(set(pred_spans)), sorted(set(gold_spans))
     if not pred_spans or not gold_spans:
-        return 0.0, 0.0
+        return 0, 0
     hits = sum(1 for p in pred_spans if max(iou(p, g) for g in gold_spans) >= threshold)
     found = sum(1 for g in gold_spans if max(iou(p, g) for p in pred_spans) >= threshold)
+    return hits, found
+
+
+def iou_precision_recall(pred_spans: list, gold_spans: list, threshold: float = 0.5) -> tuple:
+    """(P, R) of one document as our corrected IOU-F1 counts them: the share of predicted spans
+    with IOU >= threshold to some gold span, and the share of gold spans with IOU >= threshold to
+    some predicted span (so R <= 1). Repeated spans count once."""
+    pred_spans, gold_spans = sorted(set(pred_spans)), sorted(set(gold_spans))
+    if not pred_spans or not gold_spans:
+        return 0.0, 0.0
+    hits, found = iou_match_counts(pred_spans, gold_spans, threshold)
     return hits / len(pred_spans), found / len(gold_spans)
 
 
-def iou_f1(pairs: list) -> float:
-    """Macro mean over documents of F1 = 2PR/(P+R) from (P, R) pairs (0 where P + R = 0)."""
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p > 0 and r > 0 else 0.0
+
+
+def iou_f1(hits, n_pred, n_gold) -> float:
+    """IOU-F1 as ERASER's official scorer computes it (`partial_match_score`, macro).
+
+    Per document, `hits` = the predicted spans matched (IOU >= threshold) with some gold span;
+    P = hits / #predicted spans (documents with at least one predicted span), R = hits / #gold
+    spans (documents with at least one gold span: R counts matched *predicted* spans, so it can
+    exceed 1); the result is the F1 of the mean P and the mean R (0 when either is 0).
+    """
+    hits, n_pred, n_gold = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (hits, n_pred, n_gold))
+    ps = hits[n_pred > 0] / n_pred[n_pred > 0]
+    rs = hits[n_gold > 0] / n_gold[n_gold > 0]
+    return _f1(float(ps.mean()) if ps.size else 0.0, float(rs.mean()) if rs.size else 0.0)
+
+
+def iou_f1_micro(hits, n_pred, n_gold) -> float:
+    """The official scorer's micro IOU-F1: F1 of Σhits / Σ#predicted and Σhits / Σ#gold spans."""
+    h, npred, ngold = float(np.sum(hits)), float(np.sum(n_pred)), float(np.sum(n_gold))
+    return _f1(h / npred if npred else 0.0, h / ngold if ngold else 0.0)
+
+
+def iou_f1_corrected(pairs: list) -> float:
+    """Our corrected IOU-F1: the mean over documents of F1 = 2PR/(P+R) of the (P, R) pairs of
+    `iou_precision_recall` (R = matched *gold* spans / gold spans; 0 where P + R = 0)."""
     if not pairs:
         return 0.0
     return float(np.mean([2 * p * r / (p + r) if p + r > 0 else 0.0 for p, r in pairs]))
 
 
-def auprc(scores, gold_mask) -> float:
-    """Average precision of soft scores against a 0/1 mask (words scored -inf count as 0).
+def _soft_inputs(scores, gold_mask):
+    gold = np.asarray(gold_mask, dtype=bool).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    return gold, np.where(np.isfinite(s), s, 0.0)
 
-    AP = Σ_n (R_n - R_{n-1}) P_n over the thresholds of the ranking (scikit-learn's definition);
-    NaN when the document has no gold word (excluded from the mean by the caller).
+
+def auprc(scores, gold_mask) -> float:
+    """The official scorer's `auprc` of one document: the trapezoid area under its
+    precision-recall curve, ``sklearn.metrics.auc(recall, precision)`` of
+    ``sklearn.metrics.precision_recall_curve(gold, scores)`` over every word of the document
+    (words scored -inf, i.e. cut off by truncation, count as 0). The curve starts at (R=0, P=1).
+
+    NaN when the document has no gold word (left out of the mean by the caller; the official
+    scorer would average it in, as NaN with the scikit-learn of its time).
+    """
+    from sklearn.metrics import auc, precision_recall_curve
+
+    gold, s = _soft_inputs(scores, gold_mask)
+    if not gold.any():
+        return float("nan")
+    precision, recall, _ = precision_recall_curve(gold.astype(int), s)
+    return float(auc(recall, precision))
+
+
+def average_precision(scores, gold_mask) -> float:
+    """The official scorer's `average_precision` of one document: scikit-learn's AP,
+    Σ_n (R_n - R_{n-1}) P_n over the thresholds of the ranking (words scored -inf count as 0).
+
+    NaN for a document whose words are all gold or all not gold: the official scorer discards
+    those (`discard_single_class_answers`), and so does the mean over documents.
     """
     from sklearn.metrics import average_precision_score
 
-    gold = np.asarray(gold_mask, dtype=bool)
-    if not gold.any():
+    gold, s = _soft_inputs(scores, gold_mask)
+    if gold.all() or not gold.any():
         return float("nan")
-    s = np.asarray(scores, dtype=np.float64)
-    s = np.where(np.isfinite(s), s, 0.0)
     return float(average_precision_score(gold.astype(int), s))
 
 
+def bin_sizes(n_words: int, fractions=AOPC_FRACTIONS) -> list:
+    """Words removed (comprehensiveness) or kept (sufficiency) per bin, ERASER's definition:
+    ``int(q · n_words)`` of the whole document (0 for a short document's small bins)."""
+    return [int(q * n_words) for q in fractions]
+
+
 def k_for_fraction(n_words: int, q: float) -> int:
-    """Words in the top q: max(1, round(q · n_words)), at most n_words."""
+    """Words in the top q for our corrected AOPC: max(1, round(q · n_words)), at most n_words,
+    where n_words counts the words inside the model's window."""
     return min(n_words, max(1, int(round(q * n_words))))
 
 
@@ -143,13 +221,23 @@ def aopc(full_prob, probs) -> float:
     return float(np.mean(float(full_prob) - probs)) if probs.size else 0.0
 
 
+def ranking(scores) -> list:
+    """Every word index, best first: scored words by decreasing score (ties by position), then the
+    words cut off by truncation (scored -inf) in document order."""
+    scores = np.asarray(scores, dtype=np.float64)
+    seen = sorted((i for i in range(len(scores)) if np.isfinite(scores[i])), key=lambda i: (-scores[i], i))
+    return seen + [i for i in range(len(scores)) if not np.isfinite(scores[i])]
+
+
 # ---------------------------------------------------------------------------------------- runner
 def _tokenize(tokenizer, word_lists, max_length):
     return tokenizer(word_lists, is_split_into_words=True, truncation=True, max_length=max_length, padding=True,
                      return_tensors="pt", return_special_tokens_mask=True)
 
 
-def _probs(model, tokenizer, word_lists, labels, max_length, batch_size=32):
+def _probs(model, tokenizer, word_lists, max_length, batch_size=32) -> np.ndarray:
+    """(len(word_lists), C) class probabilities (float64) of `model` on each word list (an empty
+    list is run as one unknown token)."""
     import torch
 
     out = []
@@ -159,43 +247,65 @@ def _probs(model, tokenizer, word_lists, labels, max_length, batch_size=32):
         with torch.no_grad():
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                            **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})).logits
-        p = logits.double().softmax(-1)
-        lab = torch.as_tensor(labels[i:i + batch_size])
-        out.extend(p[torch.arange(len(chunk)), lab].tolist())
-    return out
+        out.append(logits.double().softmax(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+FLOAT_ROWS = ("f1", "auprc", "average_precision", "iou_p", "iou_r", "comp", "suff", "comp_corrected",
+              "suff_corrected", "p_full", "p_full_label")
 
 
 def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, rationale_k: int,
-                   faithfulness: bool = True) -> dict:
-    """Explain a batch of examples for their true class and return per-document metric rows."""
+                   faithfulness: bool = True, precision: str = "float64") -> dict:
+    """Explain a batch of examples for their true class and return per-document metric rows.
+
+    precision: the explanation and the comprehensiveness / sufficiency forwards run in it
+    (`transexplain.precision`); the model itself is not modified.
+    """
     import torch
 
     from ..api import explain
+    from ..precision import at_precision
 
     enc = _tokenize(tokenizer, [e.words for e in examples], max_length)
     x = adapter.prepare(enc)
     labels = [e.label for e in examples]
-    expl = explain(adapter, x, method=method, target=torch.tensor(labels))
+    expl = explain(adapter, x, method=method, target=torch.tensor(labels), precision=precision)
     tok = expl.token_map.double().cpu().numpy()
     pred = expl.logits.argmax(-1).cpu().numpy()
     rows = {k: [] for k in ("annotation_id", "label", "pred", "tp", "n_pred", "n_gold", "f1", "auprc",
-                            "iou_p", "iou_r", "comp", "suff", "p_full", "evidence_cut", "n_words", "n_seen")}
-    masked, kept, bins_labels = [], [], []
+                            "average_precision", "iou_hits", "iou_found", "iou_n_pred", "iou_n_gold", "iou_p",
+                            "iou_r", "comp", "suff", "comp_corrected", "suff_corrected", "p_full", "p_full_label",
+                            "evidence_cut", "n_words", "n_seen")}
+    inputs, where = [], {}  # distinct word lists to run, and their position in `inputs`
+
+    def slot(words):
+        key = tuple(words)
+        if key not in where:
+            where[key] = len(inputs)
+            inputs.append(list(words))
+        return where[key]
+
+    jobs = []  # per document: (full, official removed / kept, corrected removed / kept)
     for i, e in enumerate(examples):
         n = len(e.words)
         ws = word_scores(tok[i], x.word_ids[i], x.special_mask[i].cpu().numpy(), n)
         gold = e.evidence_tokens
         seen = int(np.isfinite(ws).sum())
-        order = sorted((j for j in range(n) if np.isfinite(ws[j])), key=lambda j: (-ws[j], j))
+        order = ranking(ws)
+        scored = order[:seen]
         tps, npred, f1s = [], [], []
         for k in K_VALUES:
-            sel = set(order[:k])
+            sel = set(scored[:k])
             tps.append(len(sel & gold))
             npred.append(len(sel))
             f1s.append(precision_recall_f1(sel, gold)[2])
-        p, r = iou_precision_recall(spans(order[:rationale_k]), [(ev.start_token, ev.end_token) for ev in e.evidences])
+        pred_spans = sorted(set(spans(scored[:rationale_k])))
+        gold_spans = sorted({(ev.start_token, ev.end_token) for ev in e.evidences})
+        hits, found = iou_match_counts(pred_spans, gold_spans)
+        p, r = iou_precision_recall(pred_spans, gold_spans)
         gold_mask = np.zeros(n, dtype=bool)
-        gold_mask[list(gold)] = True
+        gold_mask[[j for j in gold if j < n]] = True
         rows["annotation_id"].append(e.annotation_id)
         rows["label"].append(e.label)
         rows["pred"].append(int(pred[i]))
@@ -204,52 +314,78 @@ def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, r
         rows["n_gold"].append(len(gold))
         rows["f1"].append(f1s)
         rows["auprc"].append(auprc(ws, gold_mask))
+        rows["average_precision"].append(average_precision(ws, gold_mask))
+        rows["iou_hits"].append(hits)
+        rows["iou_found"].append(found)
+        rows["iou_n_pred"].append(len(pred_spans))
+        rows["iou_n_gold"].append(len(gold_spans))
         rows["iou_p"].append(p)
         rows["iou_r"].append(r)
-        rows["evidence_cut"].append(sum(1 for j in gold if not np.isfinite(ws[j])))
+        rows["evidence_cut"].append(sum(1 for j in gold if j < n and not np.isfinite(ws[j])))
         rows["n_words"].append(n)
         rows["n_seen"].append(seen)
         if faithfulness:
-            for q in AOPC_FRACTIONS:
-                top = set(order[:k_for_fraction(seen, q)])
-                masked.append([w for j, w in enumerate(e.words) if j not in top])
-                kept.append([w for j, w in enumerate(e.words) if j in top])
-                bins_labels.append(e.label)
+            def removed_kept(top):
+                return (slot([w for j, w in enumerate(e.words) if j not in top]),
+                        slot([w for j, w in enumerate(e.words) if j in top]))
+
+            official = [removed_kept(set(order[:k])) for k in bin_sizes(n)]
+            corrected = [removed_kept(set(scored[:k_for_fraction(seen, q)])) for q in AOPC_FRACTIONS]
+            jobs.append((slot(e.words), official, corrected))
     if faithfulness:
-        model = adapter.model
-        full = _probs(model, tokenizer, [e.words for e in examples], labels, max_length)
-        pm = _probs(model, tokenizer, masked, bins_labels, max_length)
-        pk = _probs(model, tokenizer, kept, bins_labels, max_length)
-        nb = len(AOPC_FRACTIONS)
-        for i in range(len(examples)):
-            rows["p_full"].append(full[i])
-            rows["comp"].append([full[i] - v for v in pm[i * nb:(i + 1) * nb]])
-            rows["suff"].append([full[i] - v for v in pk[i * nb:(i + 1) * nb]])
+        probs = _probs(at_precision(adapter.model, precision), tokenizer, inputs, max_length)
+        for i, (full, official, corrected) in enumerate(jobs):
+            cls = int(np.argmax(probs[full]))  # the official scores follow the model's predicted class
+            y = labels[i]  # ours follow the true class, the one explained
+            rows["p_full"].append(probs[full, cls])
+            rows["p_full_label"].append(probs[full, y])
+            rows["comp"].append([probs[full, cls] - probs[rm, cls] for rm, _ in official])
+            rows["suff"].append([probs[full, cls] - probs[kp, cls] for _, kp in official])
+            rows["comp_corrected"].append([probs[full, y] - probs[rm, y] for rm, _ in corrected])
+            rows["suff_corrected"].append([probs[full, y] - probs[kp, y] for _, kp in corrected])
     else:
         nan5 = [float("nan")] * len(AOPC_FRACTIONS)
-        rows["p_full"] = [float("nan")] * len(examples)
-        rows["comp"] = [nan5] * len(examples)
-        rows["suff"] = [nan5] * len(examples)
-    return {k: np.asarray(v, dtype=object if k == "annotation_id" else np.float64 if k in (
-        "f1", "auprc", "iou_p", "iou_r", "comp", "suff", "p_full") else np.int64) for k, v in rows.items()}
+        for key in ("p_full", "p_full_label"):
+            rows[key] = [float("nan")] * len(examples)
+        for key in ("comp", "suff", "comp_corrected", "suff_corrected"):
+            rows[key] = [nan5] * len(examples)
+    return {k: np.asarray(v, dtype=object if k == "annotation_id" else np.float64 if k in FLOAT_ROWS else np.int64)
+            for k, v in rows.items()}
+
+
+def _nanmean(v) -> float:
+    v = np.asarray(v, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
 
 
 def summarise(rows: dict) -> dict:
-    """The summary numbers of one method from its per-document rows."""
+    """The summary numbers of one method from its per-document rows.
+
+    Official ERASER definitions under the official names (`iou_f1`, `auprc`, `average_precision`,
+    `comprehensiveness_aopc`, `sufficiency_aopc`); our corrected variants under `*_corrected`.
+    """
     n = len(rows["label"])
     if n == 0:
         return {"documents": 0}
     tp, npred, ngold = rows["tp"], rows["n_pred"], rows["n_gold"]
-    auprcs = np.asarray(rows["auprc"], dtype=np.float64)
+    comp, suff = np.asarray(rows["comp"], dtype=np.float64), np.asarray(rows["suff"], dtype=np.float64)
     return {
         "documents": int(n),
         "k": list(K_VALUES),
         "token_f1_macro": [float(v) for v in np.mean(rows["f1"], axis=0)],
         "token_f1_micro": [micro_f1(int(tp[:, j].sum()), int(npred[:, j].sum()), int(ngold.sum())) for j in range(len(K_VALUES))],
-        "iou_f1": iou_f1(list(zip(rows["iou_p"], rows["iou_r"]))),
-        "auprc": float(np.nanmean(auprcs)) if np.isfinite(auprcs).any() else float("nan"),
-        "comprehensiveness_aopc": float(np.mean(rows["comp"])),
-        "sufficiency_aopc": float(np.mean(rows["suff"])),
+        "iou_f1": iou_f1(rows["iou_hits"], rows["iou_n_pred"], rows["iou_n_gold"]),
+        "iou_f1_micro": iou_f1_micro(rows["iou_hits"], rows["iou_n_pred"], rows["iou_n_gold"]),
+        "iou_f1_corrected": iou_f1_corrected(list(zip(rows["iou_p"], rows["iou_r"]))),
+        "auprc": _nanmean(rows["auprc"]),
+        "average_precision": _nanmean(rows["average_precision"]),
+        "comprehensiveness_aopc": float(np.mean(comp)),
+        "sufficiency_aopc": float(np.mean(suff)),
+        "comprehensiveness_aopc_points": [float(v) for v in np.mean(comp, axis=0)],
+        "sufficiency_aopc_points": [float(v) for v in np.mean(suff, axis=0)],
+        "aopc_thresholds": list(AOPC_FRACTIONS),
+        "comprehensiveness_aopc_corrected": float(np.mean(rows["comp_corrected"])),
+        "sufficiency_aopc_corrected": float(np.mean(rows["suff_corrected"])),
         "accuracy": float(np.mean(rows["pred"] == rows["label"])),
         "evidence_tokens_cut": int(np.sum(rows["evidence_cut"])),
         "documents_truncated": int(np.sum(rows["n_seen"] < rows["n_words"])),
@@ -257,17 +393,22 @@ def summarise(rows: dict) -> dict:
 
 
 def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_size: int = 8, overwrite: bool = False,
-               quiet: bool = False, max_length: int | None = None, faithfulness: bool = True) -> dict:
+               quiet: bool = False, max_length: int | None = None, faithfulness: bool = True,
+               precision: str = "float64") -> dict:
     """Run every method over `examples`, appending rows to the HDF5 file `out` (resumable).
 
     Returns {method: summary}. The file's root attribute `benchmark` is "eraser"; each method is a
-    group holding one row per document and its summary.
+    group holding one row per document and its summary. precision: "float64" (default) or
+    "float32", for the explanations and the comprehensiveness / sufficiency forwards (the model is
+    not modified; `config` is stored as given).
     """
     from tqdm import tqdm
 
     from ..models.text import TextAdapter
+    from ..precision import check_precision
     from ..results.store import ResultStore
 
+    precision = check_precision(precision)
     adapter = TextAdapter(model, tokenizer)
     max_length = max_length or min(adapter.max_length, 512)
     gold_lengths = [len(e.evidence_tokens) for e in examples if e.evidences]
@@ -280,7 +421,8 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
         bar = tqdm(total=len(examples), initial=start, desc=method, disable=quiet or not sys.stderr.isatty(), leave=False)
         for i in range(start, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            store.append(method, evaluate_batch(adapter, tokenizer, chunk, method, max_length, rationale_k, faithfulness))
+            store.append(method, evaluate_batch(adapter, tokenizer, chunk, method, max_length, rationale_k, faithfulness,
+                                                precision=precision))
             bar.update(len(chunk))
         bar.close()
         rows = {name: store.read(method, name) for name in store.names(method)}
@@ -304,10 +446,17 @@ def _load(path):
     return store, methods
 
 
-def report_text(path, fmt: str = "markdown") -> str:
-    """The token-F1 (instance macro) table over k, one column per method; markdown, csv or latex.
+#: the summary numbers besides token F1, by the names the official scorer gives them (ours: *_corrected)
+REPORT_METRICS = ("iou_f1", "iou_f1_corrected", "auprc", "average_precision", "comprehensiveness_aopc",
+                  "sufficiency_aopc", "comprehensiveness_aopc_corrected", "sufficiency_aopc_corrected", "accuracy")
 
-    markdown and latex add a second table with IOU-F1, AUPRC, comprehensiveness and sufficiency AOPC.
+
+def report_text(path, fmt: str = "markdown") -> str:
+    """The token-F1 (instance macro) table over k, one column per method, and the other metrics;
+    markdown, csv or latex. Every row names its metric (`token_f1_macro` with its k, then
+    `iou_f1`, `auprc`, ... as the official scorer names them; our variants end in `_corrected`).
+
+    csv is one table: `metric,k,<methods>`, k empty for the metrics that have none.
     """
     from ..errors import UserError
 
@@ -316,13 +465,17 @@ def report_text(path, fmt: str = "markdown") -> str:
     store, methods = _load(path)
     sums = {m: store.summary(m) for m in methods}
     ks = sums[methods[0]]["k"]
-    header = ["k"] + methods
+
+    def value(m, key):
+        v = sums[m].get(key)
+        return f"{float(v):.4f}" if v is not None else "nan"
+
     rows = [[str(k)] + [f"{sums[m]['token_f1_macro'][j]:.4f}" for m in methods] for j, k in enumerate(ks)]
-    other_names = [("IOU-F1@0.5", "iou_f1"), ("AUPRC", "auprc"), ("comprehensiveness AOPC", "comprehensiveness_aopc"),
-                   ("sufficiency AOPC", "sufficiency_aopc"), ("accuracy", "accuracy")]
-    other = [[label] + [f"{sums[m].get(key, float('nan')):.4f}" for m in methods] for label, key in other_names]
+    other = [[key] + [value(m, key) for m in methods] for key in REPORT_METRICS]
     if fmt == "csv":
-        return "\n".join(",".join(r) for r in [header] + rows) + "\n"
+        lines = [["metric", "k"] + methods] + [["token_f1_macro"] + r for r in rows] + [[r[0], ""] + r[1:] for r in other]
+        return "\n".join(",".join(r) for r in lines) + "\n"
+    header = ["token_f1_macro at k"] + methods
     if fmt == "markdown":
         def table(head, body):
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

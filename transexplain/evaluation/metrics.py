@@ -101,12 +101,20 @@ def average_precision(relevance, mask) -> float:
     pooled (both channels together) and given to ``sklearn.metrics.average_precision_score``:
     ``AP = sum_n (R_n - R_{n-1}) P_n`` over decreasing score thresholds.
     relevance: (H, W) in [0, 1]; mask: (H, W) in {0, 1}.
+
+    A constant map scores as the reference's does: its min-max normalisation divides 0 by 0, the
+    NaN is set to 0 on both channels, so every score ties and AP = (positives) / (scores) = 0.5
+    when every pixel is labeled (not the reward an all-zero map would get from ``[1, 0]`` scores).
     """
     from sklearn.metrics import average_precision_score
 
     relevance = np.asarray(relevance, dtype=np.float64)
     mask = np.asarray(mask)
-    scores = np.concatenate([(1.0 - relevance).reshape(-1), relevance.reshape(-1)])
+    if relevance.size and relevance.max() == relevance.min():
+        fg_scores = bg_scores = np.zeros(relevance.size)
+    else:
+        bg_scores, fg_scores = (1.0 - relevance).reshape(-1), relevance.reshape(-1)
+    scores = np.concatenate([bg_scores, fg_scores])
     truth = np.concatenate([(mask == 0).reshape(-1), (mask == 1).reshape(-1)]).astype(np.int64)
     return float(average_precision_score(truth, scores))
 
@@ -117,15 +125,21 @@ def pixel_accuracy(correct, labeled) -> float:
     return 100.0 * float(np.sum(correct)) / total if total > 0 else float("nan")
 
 
-def mean_iou(inter, union) -> float:
+def mean_iou(inter, union, absent: str = "zero") -> float:
     """Dataset-level mIoU in percent: ``100 * mean_c (sum_i inter[i, c] / sum_i union[i, c])``.
 
-    A class with an empty union over the whole data set is left out of the mean.
+    absent: what a class with an empty union over the whole evaluated set counts.
+    "zero" (default, the reference's ``inter / (eps + union)``): it counts 0 in the mean;
+    "skip" (our corrected variant): it is left out of the mean (NaN when every class is absent).
     """
+    if absent not in ("zero", "skip"):
+        raise ValueError(f"absent must be 'zero' or 'skip', got {absent!r}")
     inter = np.asarray(inter, dtype=np.float64).reshape(-1, np.shape(inter)[-1])
     union = np.asarray(union, dtype=np.float64).reshape(-1, np.shape(union)[-1])
     i, u = inter.sum(0), union.sum(0)
     keep = u > 0
+    if absent == "zero":
+        return 100.0 * float(np.mean(np.where(keep, i / np.where(keep, u, 1.0), 0.0))) if u.size else float("nan")
     return 100.0 * float(np.mean(i[keep] / u[keep])) if keep.any() else float("nan")
 
 

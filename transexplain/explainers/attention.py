@@ -33,14 +33,19 @@ class Rollout(Explainer):
 
     @classmethod
     def defaults(cls):
-        return {"start_layer": 1}
+        # None: the model's own default, `adapter.default_rollout_start_layer` (the reference's
+        # protocols: 1 for the vision models, 0 for BERT); 1 for an adapter that does not say
+        return {"start_layer": None}
 
     def scores(self, adapter, x, target):
         with torch.no_grad():
             trace = adapter.run(x)
-        _check_start(self.options["start_layer"], len(trace.attentions))
+        start = self.options["start_layer"]
+        if start is None:
+            start = getattr(adapter, "default_rollout_start_layer", 1)
+        _check_start(start, len(trace.attentions))
         v = adapter.readout(trace)
-        for b in range(len(trace.attentions) - 1, self.options["start_layer"] - 1, -1):
+        for b in range(len(trace.attentions) - 1, start - 1, -1):
             m = trace.attentions[b].mean(1)
             m = m + adapter.identity_like(m)
             v = adapter.mix(v, b, m / m.sum(-1, keepdim=True))

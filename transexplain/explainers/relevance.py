@@ -91,8 +91,11 @@ class PartialLRP(Explainer):
 @register
 class FullLRP(Explainer):
     name = "full_lrp"
-    description = "LRP (Binder et al. 2016) to the pixels with the classic rules, z^B at the patch embedding."
+    description = ("LRP (Binder et al. 2016) with the classic rules: to the pixels (z^B at the patch embedding), "
+                   "or for text to the embedding output, summed over hidden units.")
     class_specific = True
+    #: images: a (B, H, W) pixel map; text: one score per token, so it takes the token-map path
+    #: (`scores` sets it per call from the adapter, before api.explain reads it)
     pixel_level = True
 
     @classmethod
@@ -100,10 +103,13 @@ class FullLRP(Explainer):
         return {"rule_set": "classic", "epsilon": "absolute"}
 
     def scores(self, adapter, x, target):
-        if not getattr(adapter, "pixel_input", True):
-            raise UserError("full_lrp needs pixel inputs; for text models it stops at the embeddings: use partial_lrp or transformer_attribution.")
+        pixels = bool(getattr(adapter, "pixel_input", True))
+        self.pixel_level = pixels
         trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"], self.options["epsilon"]), None, to_input=True)
         rel = result.input_relevance
         if rel is None:
-            rel = torch.zeros_like(x)
+            rel = torch.zeros_like(trace.input)
+        if not pixels:
+            # the reference's text LRP stops at the embedding output (B, N, D): sum over the hidden units
+            return rel.sum(-1), trace.logits.detach(), target
         return rel.sum(1), trace.logits.detach(), target

@@ -5,7 +5,8 @@ Covered (and tested): `BertForSequenceClassification`, `RobertaForSequenceClassi
 Other text models (DistilBERT, ALBERT, DeBERTa, ...) are refused with a one-sentence UserError.
 
 The forward is re-run op by op through the LRP `Tape` from the model's own submodules:
-relevance is not propagated into the embeddings (the embedding output is the start of the tape),
+relevance is not propagated into the embeddings (the embedding output is the start of the tape, and
+`full_lrp` for text is the relevance there summed over hidden units, as the reference's text LRP),
 the post-norm block is attention → self.output.dense → add residual → LayerNorm → intermediate
 dense → GELU → output dense → add residual → LayerNorm, and the attention-mask logits enter the
 softmax through an Add node (a constant that absorbs no relevance, because the masked entries of
@@ -75,7 +76,9 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
     default_row_normalize = True
     gradcam_full_matrix = True
     pixel_input = False
-    unsupported = {"full_lrp": "relevance is not propagated into the embedding layer for text"}
+    unsupported: dict = {}  # full_lrp stops at the embedding output (the tape's input), one score per token
+    #: rollout's default start layer: the reference's BERT rollout multiplies every layer (0)
+    default_rollout_start_layer = 0
 
     def __init__(self, model: nn.Module, tokenizer=None, max_length: int | None = None):
         super().__init__(model)
