@@ -112,3 +112,102 @@ def test_append_after_write_batch_survives_a_reopen(tmp_path):
     reopened = ResultStore(path, CONFIG)
     assert reopened.done("extra") == 3 and reopened.done("a") == 2 and reopened.position == 2
     assert ResultStore(path).read("extra", "y").tolist() == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ one writer at a time
+def _wait_for_first_batch(path, proc, timeout=120.0):
+    """Poll (without HDF5 file locking) until `proc` has committed its first batch to `path`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                if json.loads(f.attrs.get("commit", '{"position": 0}'))["position"] > 0:
+                    return
+        except (OSError, KeyError, ValueError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"the first run ended (rc {proc.returncode}) before it was seen writing")
+        time.sleep(0.002)
+    pytest.fail("the first run never wrote a batch")
+
+
+def test_a_second_writer_of_the_same_out_is_refused_and_the_first_run_is_intact(tmp_path):
+    import os
+    import subprocess
+
+    from test_vision_cli import TX_BENCH, env, make_checkpoint, make_image_folder, tx
+    from transexplain.results.store import lock_path
+
+    ckpt, imgs = make_checkpoint(tmp_path / "ckpt"), make_image_folder(tmp_path / "imgs", per_class=15)
+    out = tmp_path / "shared.h5"
+    args = ["perturb", "--method", "full_lrp,transformer_attribution", "--target", "both", "--data", imgs,
+            "--model", ckpt, "--limit", 60, "--batch-size", 1, "--out", out, "--quiet"]
+    first = subprocess.Popen([str(TX_BENCH), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env())
+    try:
+        _wait_for_first_batch(out, first)
+        os.kill(first.pid, signal.SIGSTOP)  # hold the first run mid-way, lock held
+        try:
+            second = tx(*args)
+            assert first.poll() is None
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        stdout, stderr = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2, second.stderr
+    error = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(error) == 1 and "being written by another process" in error[0]
+    assert f"pid {first.pid}" in error[0] and "perturb" in error[0] and str(out) in error[0]
+    assert first.returncode == 0, stderr
+    store = ResultStore(out)
+    assert store.is_complete and store.position == 60 and store.done("clean") == 60
+    for group in ("full_lrp/pred/positive", "transformer_attribution/true/negative"):
+        assert store.done(group) == 60 and store.read(group, "hits").shape == (60, 10)
+    assert not lock_path(out).exists()  # let go at the end of the run
+    # and now that the first has finished, the same command is free to open the file again
+    again = tx(*args)
+    assert again.returncode == 0 and "already holds this complete run" in again.stdout
+
+
+def test_the_write_lock_is_per_process_and_released_on_close(tmp_path):
+    import subprocess
+    import sys
+
+    from transexplain.results.store import lock_path, write_lock_holder
+
+    path = tmp_path / "r.h5"
+    probe = ("import sys; from transexplain.results import ResultStore; from transexplain.errors import UserError\n"
+             "try:\n    ResultStore(sys.argv[1], {'benchmark': 'perturbation', 'methods': ['rollout'], 'limit': 8})\n"
+             "except UserError as err:\n    print(err); sys.exit(2)\n")
+    other = lambda: subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)  # noqa: E731
+    store = ResultStore(path, CONFIG)
+    same_process = ResultStore(path, CONFIG)  # a second store in this process shares the lock
+    refused = other()
+    assert refused.returncode == 2 and "being written by another process" in refused.stdout
+    assert write_lock_holder(path) is not None
+    same_process.close()
+    assert other().returncode == 2  # still held by `store`
+    store.close()
+    assert not lock_path(path).exists() and write_lock_holder(path) is None
+    assert other().returncode == 0
+
+
+def test_a_reader_works_while_the_writer_has_the_file_open(tmp_path):
+    """`report` on a file being written: no HDF5 file lock is taken, so neither side fails."""
+    from test_vision_cli import tx
+
+    path = tmp_path / "r.h5"
+    store = ResultStore(path, {**CONFIG, "tests": ["positive"], "targets": ["pred"]})
+    store.write_batch({"clean": {"hit": np.array([True, False])},
+                       "rollout/pred/positive": {"hits": np.ones((2, 10), dtype=bool)}}, position=2)
+    with h5py.File(path, "a"):  # the writer in the middle of a batch
+        r = tx("report", path)
+        assert r.returncode == 0, r.stderr
+        assert "| AUC (%) |" in r.stdout
+    store.write_batch({"clean": {"hit": np.array([True])}}, position=3)  # the writer is not disturbed
+    store.close()
+    assert ResultStore(path).position == 3

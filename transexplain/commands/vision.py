@@ -91,15 +91,16 @@ def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run, de
     from ..results.environment import collect_environment
 
     check_output_path(out)
-    store = ResultStore(out, config, overwrite=overwrite,
-                        environment=collect_environment(config.get("precision"), device))
-    if store.is_complete:
-        typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
-    else:
-        if store.position and not quiet:
-            typer.echo(f"Resuming {out} at image {store.position}.")
-        run(store)
-    finish(store, out, quiet)
+    # the store holds the file's write lock until closed: a second writer is refused meanwhile
+    with ResultStore(out, config, overwrite=overwrite,
+                     environment=collect_environment(config.get("precision"), device)) as store:
+        if store.is_complete:
+            typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
+        else:
+            if store.position and not quiet:
+                typer.echo(f"Resuming {out} at image {store.position}.")
+            run(store)
+        finish(store, out, quiet)
 
 
 def finish(store, out: Path, quiet: bool):

@@ -34,11 +34,23 @@ in another environment adds a record rather than replacing it, so a report can s
 computed in more than one. Config keys in `RECORDED_ONLY` (the batch size) are recorded but do not
 make a resume refused (in the default float64 they do not change a number); a resume that writes
 rows with another value keeps every value used, as a list.
+
+One writer at a time: a store opened for writing holds an exclusive `fcntl.flock` on a sidecar
+file `<out>.lock` (which names the holder: pid and command line) from the moment it is opened
+until `close()` or the end of the process, so a second process that opens the same file for
+writing (a second terminal, a resume while the first run still goes) is refused with one sentence
+naming the first. Stores of the same file inside one process share the lock. Readers take no lock
+at all and open the HDF5 file without HDF5's own file locking (retrying a moment when they catch
+a batch half written), so `tx-bench report` works on a file that is being written and never
+makes the writer fail.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +60,114 @@ from ..errors import UserError
 FORMAT_VERSION = 1
 #: config keys that describe a run but do not define it: a resume may change them (all values are kept)
 RECORDED_ONLY = ("batch_size",)
+
+
+#: lock files this process holds: resolved results path -> [file descriptor, number of open stores]
+_HELD_LOCKS: dict = {}
+
+
+def lock_path(path) -> Path:
+    """The sidecar file whose `flock` marks `path` as being written: `<path>.lock`."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 1000).decode("utf-8", "replace").strip()
+    except OSError:
+        text = ""
+    return text or "a process that did not say which"
+
+
+def _describe_this_process() -> str:
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:]) if sys.argv and sys.argv[0] else "python"
+    if len(command) > 200:
+        command = command[:197] + "..."
+    return f"pid {os.getpid()}, `{command}`"
+
+
+def acquire_write_lock(path) -> str | None:
+    """Take (or share, inside this process) the exclusive write lock of the results file `path`.
+
+    Returns the key to give `release_write_lock`; raises a UserError naming the holder when another
+    process holds it. Without `fcntl` (not a POSIX system) nothing is locked and None is returned.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    path = Path(path)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key][1] += 1
+        return key
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder_text(fd)
+            os.close(fd)
+            raise UserError(
+                f"{path} is being written by another process ({holder}): wait for it to finish, or give --out another path."
+            ) from None
+        # the previous holder removes the lock file as it lets go: a lock on a removed file is no lock
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, (_describe_this_process() + "\n").encode())
+    _HELD_LOCKS[key] = [fd, 1]
+    return key
+
+
+def release_write_lock(key: str | None) -> None:
+    """Give back one use of the lock `acquire_write_lock` returned; the last one removes the lock file."""
+    held = _HELD_LOCKS.get(key) if key else None
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] > 0:
+        return
+    del _HELD_LOCKS[key]
+    fd = held[0]
+    try:
+        # removed while still locked, so nobody can lock the old file after we let go
+        if os.stat(lock_path(key)).st_ino == os.fstat(fd).st_ino:
+            os.unlink(lock_path(key))
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def write_lock_holder(path) -> str | None:
+    """Who is writing `path` now ("pid N, `command`"), or None when nobody seems to be.
+
+    Read from the lock file without locking it (a probe lock could make a starting writer fail);
+    a lock file left by a killed run names a process that is gone, which counts as nobody.
+    """
+    if str(Path(path).resolve()) in _HELD_LOCKS:
+        return _describe_this_process()
+    try:
+        text = lock_path(path).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    try:
+        pid = int(text.split(",", 1)[0].split()[1])
+        os.kill(pid, 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, someone else's
+        pass
+    return text or None
 
 
 def canonical_json(config: dict) -> str:
@@ -97,8 +217,6 @@ class ResultStore:
 
     def __init__(self, path, config: dict | None = None, overwrite: bool = False, benchmark: str | None = None,
                  environment: dict | None = None):
-        import h5py
-
         self.path = Path(path)
         self.read_only = config is None
         self._session = None  # what a resumed session records with its first rows
@@ -112,6 +230,16 @@ class ResultStore:
             return
         self.config = json.loads(canonical_json(config))
         self.benchmark = benchmark or str(self.config.get("benchmark", ""))
+        # one writer at a time, for as long as this store is open (before anything is read or removed)
+        self._lock_key = acquire_write_lock(self.path)
+        self._release = weakref.finalize(self, release_write_lock, self._lock_key)
+        try:
+            self._open_for_writing(overwrite, environment)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_for_writing(self, overwrite: bool, environment: dict | None):
         if overwrite and self.path.exists():
             self.path.unlink()
         if not self.path.exists():
@@ -120,7 +248,7 @@ class ResultStore:
                 self._record_session(f, self.config, environment)
             return
         self._check_readable()
-        with h5py.File(self.path, "r") as f:
+        with self._open("r") as f:
             stored = f.attrs.get("config")
         old = json.loads(stored) if stored else None
         if old is None or canonical_json(_defining(old)) != canonical_json(_defining(self.config)):
@@ -130,6 +258,19 @@ class ResultStore:
             )
         self._rollback()
         self._session = (self._merge_recorded_only(old), environment)
+
+    def close(self):
+        """Let go of the write lock (a read-only store holds none); the store can still be read."""
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     # ------------------------------------------------------------------ file handling
     def _create(self):
@@ -146,22 +287,28 @@ class ResultStore:
         os.replace(tmp, self.path)
 
     def _check_readable(self):
-        import h5py
+        with self._open("r") as f:
+            if "config" not in f.attrs:
+                raise UserError(f"{self.path} is not a transexplain results file: use --overwrite to replace it or --out to write elsewhere.")
 
-        try:
-            with h5py.File(self.path, "r") as f:
-                if "config" not in f.attrs:
-                    raise UserError(f"{self.path} is not a transexplain results file: use --overwrite to replace it or --out to write elsewhere.")
-        except OSError:
-            raise UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.") from None
+    #: how often, and how long apart, an open is tried again (a reader can catch a batch half written)
+    OPEN_TRIES, OPEN_WAIT_S = 5, 0.2
 
     def _open(self, mode: str):
+        """The HDF5 file; reading takes no HDF5 file lock, so a reader never blocks the writer."""
         import h5py
 
-        try:
-            return h5py.File(self.path, mode)
-        except OSError:
-            raise UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.") from None
+        for attempt in range(self.OPEN_TRIES):
+            try:
+                if mode == "r":
+                    return h5py.File(self.path, "r", locking=False)
+                return h5py.File(self.path, mode)
+            except FileNotFoundError:
+                break
+            except OSError:
+                if attempt + 1 < self.OPEN_TRIES:
+                    time.sleep(self.OPEN_WAIT_S)
+        raise UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.")
 
     @staticmethod
     def _differences(old: dict, new: dict) -> str:
