@@ -257,3 +257,32 @@ def test_report_hands_eraser_files_to_the_eraser_module(tmp_path, run, monkeypat
     monkeypatch.setattr(evaluation, "eraser", fake, raising=False)
     r = run("report", path, "--format", "csv", "--plot", tmp_path / "e.png")
     assert r.returncode == 0 and "ERASER TABLE csv" in r.stdout and (tmp_path / "e.png").exists()
+
+
+@pytest.mark.parametrize("bench", ["perturb", "segment"])
+def test_save_maps_is_part_of_the_run_settings(fixtures, tmp_path, run, bench):
+    """--save-maps added on a resume used to store all-zero maps for the images done before (and
+    to do nothing on a complete run): a resume that changes it is refused like any other setting."""
+    out = tmp_path / f"{bench}.h5"
+    data = fixtures["imgs"] if bench == "perturb" else fixtures["seg"]
+    base = [bench, "--method", "rollout", "--data", data, "--model", fixtures["ckpt"], "--limit", 8,
+            "--batch-size", 4, "--out", out, "--quiet"]
+    killed = tx(*base, extra_env={"TX_BENCH_KILL_AFTER_BATCH": "1"})
+    assert killed.returncode < 0
+    group = "rollout/pred" if bench == "perturb" else "rollout"
+    resumed = run(*base, "--save-maps")
+    assert resumed.returncode == 2 and "save_maps: False in the file vs True now" in resumed.stderr
+    with h5py.File(out, "r") as f:
+        assert "map" not in f[group] and not f.attrs["complete"]
+    assert run(*base).returncode == 0  # the same settings resume and finish
+    complete = run(*base, "--save-maps")
+    assert complete.returncode == 2 and "save_maps" in complete.stderr
+    # a run that asks for the maps from the start stores a real map for every image
+    with_maps = tmp_path / f"{bench}_maps.h5"
+    assert tx(*base[:-3], "--out", with_maps, "--save-maps", "--quiet",
+              extra_env={"TX_BENCH_KILL_AFTER_BATCH": "1"}).returncode < 0
+    assert run(*base[:-3], "--out", with_maps, "--save-maps", "--quiet").returncode == 0
+    with h5py.File(with_maps, "r") as f:
+        maps = f[group]["map"][:]
+        assert json.loads(f.attrs["config"])["save_maps"] is True
+    assert maps.shape[0] == 8 and all(np.ptp(m.astype(np.float32)) > 0 for m in maps)

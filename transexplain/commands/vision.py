@@ -125,7 +125,7 @@ def perturb(
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
-    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file."),
+    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
     crop: bool = typer.Option(False, "--crop", help="Resize to 256/224 of the input size and center-crop, instead of the paper's plain resize."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
@@ -160,7 +160,8 @@ def perturb(
                                                            precision, batch_size),
               "labels": str(Path(labels).resolve()) if labels else None, "tests": list(PERTURB_TESTS[test]),
               "targets": list(PERTURB_TARGETS[target]), "steps": list(PERTURBATION_STEPS),
-              "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index"}
+              "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index",
+              "save_maps": bool(save_maps)}
     out = out or Path("results") / f"perturb_{'all' if method == 'all' else '+'.join(methods)}.h5"
     run_resumable(out, config, overwrite, quiet, lambda store: run_perturbation(
         loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
@@ -179,7 +180,7 @@ def segment(
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
-    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file."),
+    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
     crop: bool = typer.Option(False, "--crop", help="Not used by this benchmark (the protocol resizes image and mask alike); refused."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
@@ -201,7 +202,7 @@ def segment(
         raise UserError(f"Cannot read {data} (permission denied): give a readable gtsegs_ijcv.mat.") from None
     config = {"benchmark": "segmentation", **common_config(loaded, methods, Path(data).resolve(), source, limit, False,
                                                            precision, batch_size),
-              "target": "pred", "threshold": "mean", "mask_resize": "nearest"}
+              "target": "pred", "threshold": "mean", "mask_resize": "nearest", "save_maps": bool(save_maps)}
     out = out or Path("results") / f"segment_{'all' if method == 'all' else '+'.join(methods)}.h5"
     run_resumable(out, config, overwrite, quiet, lambda store: run_segmentation(
         loaded, seg, store, methods, limit=limit, batch_size=batch_size, forward_batch=max(256, batch_size),
