@@ -95,7 +95,6 @@ def test_explain_all_methods_grid(checkpoint, images, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["{d}/grey.png"], "grey-scale"),
         (["{d}/rgba.png"], "alpha channel"),
         (["{d}/broken.png"], "Cannot read"),
         (["{d}/missing.png"], "does not exist"),
@@ -120,7 +119,7 @@ def test_bad_input_gives_one_sentence(checkpoint, images, tmp_path, args, messag
 def test_debug_shows_traceback(checkpoint, images, tmp_path):
     ckpt, _ = checkpoint
     d, _ = images
-    out = tx("--debug", "explain", d / "grey.png", "--model", ckpt, "--out", tmp_path)
+    out = tx("--debug", "explain", d / "rgba.png", "--model", ckpt, "--out", tmp_path)
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
@@ -151,3 +150,80 @@ def test_unsupported_models_are_refused_by_name():
         transexplain.as_adapter(avg)
     with pytest.raises(UserError, match="not supported"):
         transexplain.as_adapter(torch.nn.Linear(3, 3))
+
+
+def _two_same_named_images(root):
+    rng = np.random.default_rng(1)
+    paths = []
+    for folder in ("a", "b"):
+        (root / folder).mkdir(parents=True)
+        paths.append(root / folder / "img.png")
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["one-method", "grid"])
+def test_inputs_with_the_same_file_name_keep_every_output(checkpoint, tmp_path, grid):
+    """a/img.png and b/img.png used to write the same img.<method>.* and keep only the last one's."""
+    ckpt, model = checkpoint
+    paths = _two_same_named_images(tmp_path / "in")
+    out_dir = tmp_path / "out"
+    extra = ["--methods", "rollout,transformer_attribution"] if grid else ["--method", "transformer_attribution"]
+    out = tx("explain", *paths, "--model", ckpt, *extra, "--out", out_dir)
+    assert out.returncode == 0, out.stderr
+    maps = sorted(out_dir.glob("*.transformer_attribution.npy"))
+    assert len(maps) == 2
+    # each output is the map of its own input, and the command says which file went where
+    import transexplain
+    from transexplain.visualize import preprocess, read_rgb_image
+
+    for p in paths:
+        written = [m for m in maps if f"{p.parent.name}_img" in m.name]
+        assert len(written) == 1 and f"{written[0].name.split('.')[0]}" in out.stdout and str(p) in out.stdout
+        x = preprocess(read_rgb_image(p), (3, 32, 32), (0.5,) * 3, (0.5,) * 3).unsqueeze(0)
+        expected = transexplain.explain(model, x, "transformer_attribution").token_map[0].numpy()
+        np.testing.assert_allclose(np.load(written[0]), expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(np.load(maps[0]), np.load(maps[1]))
+    if not grid:
+        assert len(list(out_dir.glob("*.transformer_attribution.png"))) == 2
+
+
+def test_output_names_never_clash():
+    from transexplain.visualize import output_stems
+
+    names = output_stems([Path("a/img.png"), Path("b/img.png"), Path("c/img.jpg"), Path("x/a_img.png"),
+                          Path("d/a/img.png"), Path("solo.png")])
+    assert len(set(names)) == len(names) and names[-1] == "solo"
+
+
+def test_explain_a_folder_explains_every_image_in_it(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("x.png", "y.jpg", "z.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    out = tx("explain", folder, "--model", ckpt, "--method", "rollout", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.npy")) == ["x.rollout.npy", "y.rollout.npy", "z.rollout.npy"]
+    assert out.stdout.count("predicted class") == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tx("explain", empty, "--model", ckpt, "--out", tmp_path / "out2")
+    assert out.returncode == 2 and "holds no image files" in out.stderr
+
+
+def test_grey_scale_images_are_converted_as_the_benchmarks_do_and_said(checkpoint, images, tmp_path):
+    ckpt, _ = checkpoint
+    d, _ = images
+    out = tx("explain", d / "grey.png", "--model", ckpt, "--method", "rollout", "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "grey-scale" in out.stdout and "converted to RGB" in out.stdout
+    # the same RGB pixels the benchmarks' reader (data.imagenet.Preprocess: PIL's convert) starts from
+    from transexplain.visualize import read_rgb_image
+
+    ours = np.asarray(read_rgb_image(d / "grey.png"))
+    grey = np.asarray(Image.open(d / "grey.png"))
+    assert ours.shape == grey.shape + (3,)
+    assert all(np.array_equal(ours[..., c], grey) for c in range(3))

@@ -52,7 +52,7 @@ def methods_cmd():
 
 @app.command("explain")
 def explain_cmd(
-    images: List[Path] = typer.Argument(None, help="Image files (PNG, JPEG, ...) to explain."),
+    images: List[Path] = typer.Argument(None, help="Image files (PNG, JPEG, ...) or folders of them to explain; outputs never overwrite each other (clashing names get their folder's name in front)."),
     model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm model name, or a checkpoint (.safetensors or its directory)."),
     method: str = typer.Option("transformer_attribution", "--method", help="Method name (see `tx-bench methods`)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="'all' (or a comma list): write one comparison grid of these methods side by side."),
@@ -64,7 +64,11 @@ def explain_cmd(
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     precision: str = typer.Option("float64", "--precision", help="float64 (the same map on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
 ):
-    """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class."""
+    """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class.
+
+    Grey-scale images are converted to RGB (and said), as the benchmarks do; images with an alpha
+    channel are refused.
+    """
     from .precision import check_precision
 
     precision = check_precision(precision)
@@ -74,7 +78,7 @@ def explain_cmd(
         explain_text(text=text, model=model, method=method, target=target, html=html, precision=precision)
         return
     if not images:
-        raise UserError("Give at least one image file to explain (or --text \"...\" for a text model).")
+        raise UserError("Give at least one image file or folder to explain (or --text \"...\" for a text model).")
     from .visualize import explain_images
 
     explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
