@@ -286,3 +286,57 @@ def test_save_maps_is_part_of_the_run_settings(fixtures, tmp_path, run, bench):
         maps = f[group]["map"][:]
         assert json.loads(f.attrs["config"])["save_maps"] is True
     assert maps.shape[0] == 8 and all(np.ptp(m.astype(np.float32)) > 0 for m in maps)
+
+
+def _cells(line: str) -> list:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_report_of_an_interrupted_run_shows_the_numbers_so_far_marked_partial(fixtures, tmp_path, run):
+    """`report` on a killed run used to say "numbers cover the images done so far" and show n/a everywhere."""
+    from transexplain.evaluation.metrics import accuracy_curve, perturbation_auc
+
+    out = tmp_path / "p.h5"
+    killed = tx("perturb", "--method", "rollout,transformer_attribution", "--test", "both", "--data", fixtures["imgs"],
+                "--model", fixtures["ckpt"], "--limit", 12, "--batch-size", 4, "--out", out, "--quiet",
+                extra_env={"TX_BENCH_KILL_AFTER_BATCH": "2"})
+    assert killed.returncode < 0
+    before = out.read_bytes()
+    with h5py.File(out, "r") as f:
+        expected = {(m, t): perturbation_auc(accuracy_curve(f[f"{m}/pred/{t}/hits"][:8]))
+                    for m in ("rollout", "transformer_attribution") for t in ("negative", "positive")}
+    md = run("report", out)
+    assert md.returncode == 0, md.stderr
+    assert "partial: 8 of 12 images done so far" in md.stdout and "PARTIAL" in md.stdout
+    rows = {line.split("|")[1].strip(): _cells(line)[1:] for line in md.stdout.splitlines() if line.startswith("| Negative") or line.startswith("| Positive")}
+    for test in ("negative", "positive"):
+        got = rows[f"{test.capitalize()}, predicted"]
+        assert got == [f"{expected[(m, test)]:.2f}" for m in ("rollout", "transformer_attribution")]
+    csv = run("report", out, "--format", "csv")
+    assert csv.returncode == 0 and "partial: 8 of 12" in csv.stdout.splitlines()[0]
+    assert "n/a" not in csv.stdout.split("\n#")[0]
+    latex = run("report", out, "--format", "latex")
+    assert latex.returncode == 0 and "PARTIAL" in latex.stdout.split(r"\caption{")[1] and "n/a" not in latex.stdout
+    png = tmp_path / "c.png"
+    assert run("report", out, "--plot", png).returncode == 0
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
+    blue = np.abs(pixels - np.array([31, 119, 180])).sum(axis=1) < 30  # matplotlib's first line colour
+    assert blue.sum() > 50  # curves drawn, not empty axes
+    assert out.read_bytes() == before  # the report wrote nothing into the run's file
+
+
+def test_report_of_an_interrupted_segmentation_run(fixtures, tmp_path, run):
+    from transexplain.evaluation.metrics import mean_iou
+
+    out = tmp_path / "s.h5"
+    killed = tx("segment", "--method", "rollout", "--data", fixtures["seg"], "--model", fixtures["ckpt"],
+                "--batch-size", 4, "--out", out, "--quiet", extra_env={"TX_BENCH_KILL_AFTER_BATCH": "1"})
+    assert killed.returncode < 0
+    with h5py.File(out, "r") as f:
+        miou = mean_iou(f["rollout/inter"][:4], f["rollout/union"][:4])
+    md = run("report", out)
+    assert md.returncode == 0, md.stderr
+    row = [_cells(line) for line in md.stdout.splitlines() if line.startswith("| mIoU")][0]
+    assert row[1] == f"{miou:.2f}" and "partial: 4 images done so far" in md.stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .tables import DISPLAY, ordered
+from .tables import DISPLAY, ordered, partial_label, reporting_view
 
 
 def plot_curves(path, out_png) -> Path:
@@ -17,7 +17,7 @@ def plot_curves(path, out_png) -> Path:
     from ..evaluation.metrics import CURVE_X
     from .store import ResultStore
 
-    store = ResultStore(path)
+    store = reporting_view(ResultStore(path))
     if store.benchmark != "perturbation":
         raise UserError(f"{path} holds a {store.benchmark} run and --plot draws perturbation curves: give a perturbation results file.")
     config = store.config
@@ -41,6 +41,9 @@ def plot_curves(path, out_png) -> Path:
         ax.set_xlim(0, 0.9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    partial = partial_label(store)
+    if partial:
+        fig.suptitle(partial.capitalize(), color="darkred")
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

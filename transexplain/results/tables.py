@@ -75,6 +75,55 @@ def follows_paper_protocol(config: dict, benchmark: str = "perturbation", images
     return not paper_mismatches(config, benchmark, images)
 
 
+class PartialView:
+    """A read-only stand-in for the ResultStore of an unfinished run: every read goes to the store,
+    and the summaries are computed from the stored per-image rows with the runners' own `summarise`
+    (evaluation.perturbation / evaluation.segmentation) and kept here, never written to the file
+    (which another process may still be writing)."""
+
+    def __init__(self, store):
+        self._store = store
+        self._summaries: dict = {}
+        config = store.config
+        methods = list(config.get("methods", []))
+        if store.benchmark == "perturbation":
+            from ..evaluation.perturbation import summarise
+
+            summarise(self, methods, list(config.get("tests", [])), list(config.get("targets", [])))
+            for group, summary in self._summaries.items():
+                if "curve" in summary and not summary.get("n"):  # no image yet: no number, not 0
+                    self._summaries[group] = {**summary, "curve": [], "auc": None}
+        elif store.benchmark == "segmentation":
+            from ..evaluation.segmentation import summarise
+
+            summarise(self, methods)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def set_summary(self, group: str, summary: dict):
+        self._summaries[group] = summary
+
+    def summary(self, group: str) -> dict:
+        return self._summaries[group] if group in self._summaries else self._store.summary(group)
+
+
+def reporting_view(store):
+    """What a report reads: the store itself for a finished run; for an unfinished one a
+    `PartialView` whose numbers cover the images done so far."""
+    return store if store.is_complete else PartialView(store)
+
+
+def partial_label(store) -> str | None:
+    """None for a finished run; else "partial: N images done so far" (N counts unreadable ones too)."""
+    if store.is_complete:
+        return None
+    done = store.position
+    limit = store.config.get("limit")
+    of = f" of {limit}" if limit is not None else ""
+    return f"partial: {done}{of} images done so far (unfinished run)"
+
+
 def ordered(methods) -> list:
     known = [m for m in METHOD_ORDER if m in methods]
     return known + sorted(m for m in methods if m not in METHOD_ORDER)
@@ -135,7 +184,15 @@ def _table_frame(store, benchmark: str, corner: str):
     published = paper_numbers()
     with_paper = bool(published) and not paper_mismatches(config, benchmark, images_seen(store), published)
     paper = published.get(benchmark, {}) if with_paper else {}
+    partial = partial_label(store)
+    if partial:
+        corner += f" [{partial}]"
     return config, methods, with_paper, paper, [corner] + [DISPLAY.get(m, m) for m in methods]
+
+
+def _partial_caption(store) -> str:
+    partial = partial_label(store)
+    return f" PARTIAL: {partial[len('partial: '):]}." if partial else ""
 
 
 def perturbation_table(store, fmt: str = "markdown") -> str:
@@ -154,6 +211,7 @@ def perturbation_table(store, fmt: str = "markdown") -> str:
     caption = "Perturbation AUC (%): negative, higher is better; positive, lower is better."
     if with_paper:
         caption += " In brackets: the paper's Table 1 (ViT-B/16)."
+    caption += _partial_caption(store)
     return format_table(header, rows, fmt, caption)
 
 
@@ -165,6 +223,7 @@ def segmentation_table(store, fmt: str = "markdown") -> str:
     caption = "ImageNet-Segmentation (%), higher is better."
     if with_paper:
         caption += " In brackets: the paper's Table 2 (ViT-B/16)."
+    caption += _partial_caption(store)
     return format_table(header, rows, fmt, caption)
 
 
@@ -194,7 +253,7 @@ def report_text(path, fmt: str = "markdown") -> str:
 
     if fmt not in FORMATS:
         raise UserError(f"Unknown table format {fmt!r}: choose markdown, csv or latex.")
-    store = ResultStore(path)
+    store = reporting_view(ResultStore(path))
     benchmark = store.benchmark
     if benchmark == "perturbation":
         table = perturbation_table(store, fmt)
