@@ -10,7 +10,7 @@ import typer
 from ..errors import UserError
 
 #: the methods of the paper's ERASER comparison (plus generic attention and the random floor)
-TEXT_METHODS = ("transformer_attribution", "partial_lrp", "gradcam", "rollout", "raw_attention",
+TEXT_METHODS = ("transformer_attribution", "partial_lrp", "full_lrp", "gradcam", "rollout", "raw_attention",
                 "generic_attention", "random")
 #: background colours of the terminal (xterm-256), from no relevance to the most relevant word
 _ANSI_SHADES = (231, 194, 157, 120, 83, 46)
@@ -23,10 +23,7 @@ def _methods(spec: str) -> list:
         return [m for m in TEXT_METHODS if m in method_names()]
     out = []
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        cls = get_method(name)
-        if cls.name == "full_lrp":
-            raise UserError("full_lrp is not defined for text: relevance is not propagated into the embedding layer; use partial_lrp or transformer_attribution.")
-        out.append(cls.name)
+        out.append(get_method(name).name)
     if not out:
         raise UserError("Give a method name (see `tx-bench methods`) or 'all'.")
     return out
