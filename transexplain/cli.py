@@ -17,6 +17,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: flags are shown as flags (rich's panels print `<bool>` after each of them)
+    rich_markup_mode=None,
 )
 STATE = {"debug": False}
 
@@ -43,11 +45,13 @@ def _global(
 
 @app.command("methods")
 def methods_cmd():
-    """List every explanation method with a one-line description."""
-    from .explainers import list_methods
+    """List every explanation method: its name, the other names it answers to, and what it does."""
+    from .explainers import get_method, list_methods
 
     for name, text in list_methods().items():
-        typer.echo(f"{name:24s} {text}")
+        aliases = get_method(name).aliases
+        also = f" (also: {', '.join(aliases)})" if aliases else ""
+        typer.echo(f"{name:24s} {text}{also}")
 
 
 @app.command("explain")

@@ -8,7 +8,8 @@ import typer
 
 from ..errors import UserError
 
-data_app = typer.Typer(help="The embedded default data set (procedural shapes).", no_args_is_help=True)
+data_app = typer.Typer(help="The embedded default data set (procedural shapes).", no_args_is_help=True,
+                       rich_markup_mode=None)
 
 
 @data_app.command("make")

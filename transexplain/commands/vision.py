@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -85,20 +85,27 @@ def embedded_default(data, key: str, what: str):
     return data, "embedded"
 
 
-def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run, device: str = "cpu"):
-    """Open the results file, run (or resume) into it unless it is complete, then print the table."""
+def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run, device: str = "cpu",
+                  total: int | None = None):
+    """Open the results file, run (or resume) into it unless it is complete, then print the table.
+
+    Printed first: the header line (benchmark, model, weights, data, `total` images), and
+    "Resuming <out> at image N of M." when an unfinished file is picked up.
+    """
     from ..results import ResultStore
     from ..results.environment import collect_environment
+    from ..results.tables import header_line, resuming_line
 
     check_output_path(out)
+    typer.echo(header_line(config, total))
     # the store holds the file's write lock until closed: a second writer is refused meanwhile
     with ResultStore(out, config, overwrite=overwrite,
                      environment=collect_environment(config.get("precision"), device)) as store:
         if store.is_complete:
             typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
         else:
-            if store.position and not quiet:
-                typer.echo(f"Resuming {out} at image {store.position}.")
+            if store.position:
+                typer.echo(resuming_line(out, store.position, total))
             run(store)
         finish(store, out, quiet)
 
@@ -108,7 +115,29 @@ def finish(store, out: Path, quiet: bool):
 
     store.mark_complete()
     typer.echo(report_text(out, "markdown"))
+    listed = write_skipped_list(store, out)
+    if listed is not None:
+        typer.echo(f"The images that could not be read are listed in {listed}")
     typer.echo(f"Results written to {out}")
+
+
+def skipped_list_path(out: Path) -> Path:
+    """Where the names of a run's unreadable images go: beside the result, `<name>.skipped.txt`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".skipped.txt")
+
+
+def write_skipped_list(store, out: Path):
+    """Write every skipped example's name (one a line) beside the result; None when none was
+    skipped (an old list from an earlier run of the same file is removed)."""
+    target = skipped_list_path(out)
+    names = store.read("skipped", "name").tolist() if store.done("skipped") else []
+    if not names:
+        if target.exists():
+            target.unlink()
+        return None
+    target.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    return target
 
 
 def perturb(
@@ -163,10 +192,11 @@ def perturb(
               "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index",
               "save_maps": bool(save_maps)}
     out = out or Path("results") / f"perturb_{'all' if method == 'all' else '+'.join(methods)}.h5"
+    total = len(dataset) if limit is None else min(limit, len(dataset))
     run_resumable(out, config, overwrite, quiet, lambda store: run_perturbation(
         loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
         batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet,
-        precision=precision), device=device)
+        precision=precision), device=device, total=total)
 
 
 def segment(
@@ -204,41 +234,66 @@ def segment(
                                                            precision, batch_size),
               "target": "pred", "threshold": "mean", "mask_resize": "nearest", "save_maps": bool(save_maps)}
     out = out or Path("results") / f"segment_{'all' if method == 'all' else '+'.join(methods)}.h5"
+    total = len(seg) if limit is None else min(limit, len(seg))
     run_resumable(out, config, overwrite, quiet, lambda store: run_segmentation(
         loaded, seg, store, methods, limit=limit, batch_size=batch_size, forward_batch=max(256, batch_size),
-        device=device, save_maps=save_maps, quiet=quiet, precision=precision), device=device)
+        device=device, save_maps=save_maps, quiet=quiet, precision=precision), device=device, total=total)
 
 
 def report(
-    results: Path = typer.Argument(..., help="An HDF5 results file written by perturb, segment or eraser."),
-    fmt: str = typer.Option("markdown", "--format", help="markdown, csv or latex."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the accuracy-vs-removed-fraction curves to this PNG."),
+    results: List[Path] = typer.Argument(..., help="HDF5 results files written by perturb, segment or eraser; files of one benchmark and the same settings (one per method, as the quick start writes) become one table."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown, csv (every table), latex (booktabs, with a caption) or json."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the accuracy-vs-removed-fraction curves (or ERASER's token F1 over k) to this PNG."),
 ):
-    """Print a results file as the paper's tables (methods as columns); optionally plot the curves."""
+    """Print results files as the paper's tables (methods as columns); optionally plot the curves.
+
+    An unfinished run is reported too: its numbers cover the examples done so far and are marked
+    partial in every format.
+    """
     from ..results import ResultStore
+    from ..results.tables import FORMATS, report_text
 
-    store = ResultStore(results)
-    if store.benchmark == "eraser":
-        from ..evaluation import eraser
+    if fmt not in FORMATS:
+        raise UserError(f"Unknown --format {fmt!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}.")
+    stores = [(path, ResultStore(path)) for path in results]
+    eraser_files = [path for path, store in stores if store.benchmark == "eraser"]
+    image_files = [path for path, store in stores if store.benchmark != "eraser"]
+    if plot is not None and len(results) > 1:
+        raise UserError("--plot draws one results file: give one file with it.")
+    parts = []
+    if image_files:
+        parts.append(report_text(image_files, fmt))
+    for path in eraser_files:
+        parts.append(eraser_report(path, fmt))
+    if fmt == "json":
+        import json
 
-        from ..results.tables import notes_under_table
-
-        typer.echo(eraser.report_text(results, fmt).rstrip("\n"))
-        if fmt != "csv":
-            typer.echo("")
-        typer.echo(notes_under_table(store, "eraser", fmt))
-        if plot is not None:
-            eraser.plot(results, plot)
-            typer.echo(f"Plot written to {plot}")
-        return
-    from ..results.tables import report_text
-
-    typer.echo(report_text(results, fmt))
+        tables = [t for part in parts for t in json.loads(part)["tables"]]
+        typer.echo(json.dumps({"tables": tables}, indent=2))
+    else:
+        typer.echo("\n\n".join(p.rstrip("\n") for p in parts))
     if plot is not None:
-        from ..results.plots import plot_curves
+        if eraser_files:
+            from ..evaluation import eraser
 
-        plot_curves(results, plot)
+            eraser.plot(results[0], plot)
+        else:
+            from ..results.plots import plot_curves
+
+            plot_curves(results[0], plot)
         typer.echo(f"Plot written to {plot}")
+
+
+def eraser_report(path: Path, fmt: str) -> str:
+    """The ERASER module's report of one file with the environment notes under it."""
+    from ..evaluation import eraser
+    from ..results import ResultStore
+    from ..results.tables import notes_under_table
+
+    text = eraser.report_text(path, fmt).rstrip("\n")
+    if fmt == "json":
+        return text
+    return text + ("\n" if fmt == "csv" else "\n\n") + notes_under_table(ResultStore(path), "eraser", fmt)
 
 
 def register(app: typer.Typer):

@@ -21,7 +21,7 @@ DISPLAY = {"rollout": "rollout", "raw_attention": "raw attention", "gradcam": "G
            "partial_lrp": "partial LRP", "transformer_attribution": "Transformer Attribution",
            "generic_attention": "generic attention", "random": "random"}
 PAPER_FILE = Path(__file__).resolve().parents[2] / "configs" / "paper.toml"
-FORMATS = ("markdown", "csv", "latex")
+FORMATS = ("markdown", "csv", "latex", "json")
 
 
 def paper_numbers(path: Path = PAPER_FILE) -> dict:
@@ -129,8 +129,9 @@ def ordered(methods) -> list:
     return known + sorted(m for m in methods if m not in METHOD_ORDER)
 
 
-def _number(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+def _number(value, digits: int = 2) -> str:
+    value = _value(value)
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def format_table(header: list, rows: list, fmt: str = "markdown", caption: str = "") -> str:
@@ -161,12 +162,6 @@ def format_table(header: list, rows: list, fmt: str = "markdown", caption: str =
     raise UserError(f"Unknown table format {fmt!r}: choose markdown, csv or latex.")
 
 
-def _cell(ours, paper, with_paper: bool) -> str:
-    if with_paper and paper is not None:
-        return f"{_number(ours)} ({_number(paper)})"
-    return _number(ours)
-
-
 def images_seen(store) -> int | None:
     """Examples the run went through, unreadable ones included (None when it cannot tell)."""
     group = "clean" if store.benchmark == "perturbation" else "images"
@@ -195,7 +190,19 @@ def _partial_caption(store) -> str:
     return f" PARTIAL: {partial[len('partial: '):]}." if partial else ""
 
 
-def perturbation_table(store, fmt: str = "markdown") -> str:
+def _value(v):
+    """A number for the machines: float, or None where there is none (NaN included)."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def perturbation_data(store) -> dict:
+    """The perturbation table as data: corner, methods, rows of (label, our numbers, the paper's)."""
     config, methods, with_paper, paper, header = _table_frame(store, "perturbation", "AUC (%)")
     rows = []
     for test in ("negative", "positive"):
@@ -205,40 +212,90 @@ def perturbation_table(store, fmt: str = "markdown") -> str:
             if target not in config.get("targets", []):
                 continue
             label = f"{test.capitalize()}, {'predicted' if target == 'pred' else 'target'}"
-            cells = [_cell(store.summary(f"{m}/{target}/{test}").get("auc"), paper.get(test, {}).get(target, {}).get(m),
-                           with_paper) for m in methods]
-            rows.append([label] + cells)
+            rows.append({"label": label, "key": f"{test}/{target}",
+                         "values": [_value(store.summary(f"{m}/{target}/{test}").get("auc")) for m in methods],
+                         "paper": [_value(paper.get(test, {}).get(target, {}).get(m)) for m in methods] if with_paper else None})
     caption = "Perturbation AUC (%): negative, higher is better; positive, lower is better."
     if with_paper:
         caption += " In brackets: the paper's Table 1 (ViT-B/16)."
     caption += _partial_caption(store)
-    return format_table(header, rows, fmt, caption)
+    return {"benchmark": "perturbation", "header": header, "methods": methods, "rows": rows, "caption": caption,
+            "digits": 2}
 
 
-def segmentation_table(store, fmt: str = "markdown") -> str:
+#: the segmentation rows in the order of the paper's Table 2
+SEGMENTATION_ROWS = (("pixel_accuracy", "Pixel accuracy"), ("miou", "mIoU"), ("map", "mAP"))
+
+
+def segmentation_data(store) -> dict:
     _, methods, with_paper, paper, header = _table_frame(store, "segmentation", "Segmentation (%)")
-    rows = []
-    for key, label in (("pixel_accuracy", "Pixel accuracy"), ("map", "mAP"), ("miou", "mIoU")):
-        rows.append([label] + [_cell(store.summary(m).get(key), paper.get(key, {}).get(m), with_paper) for m in methods])
+    rows = [{"label": label, "key": key, "values": [_value(store.summary(m).get(key)) for m in methods],
+             "paper": [_value(paper.get(key, {}).get(m)) for m in methods] if with_paper else None}
+            for key, label in SEGMENTATION_ROWS]
     caption = "ImageNet-Segmentation (%), higher is better."
     if with_paper:
         caption += " In brackets: the paper's Table 2 (ViT-B/16)."
     caption += _partial_caption(store)
-    return format_table(header, rows, fmt, caption)
+    return {"benchmark": "segmentation", "header": header, "methods": methods, "rows": rows, "caption": caption,
+            "digits": 2}
+
+
+def render_table(data: dict, fmt: str = "markdown") -> str:
+    """A table from `perturbation_data` / `segmentation_data` (or any dict of that shape) as text;
+    a missing number is `n/a`, the paper's number (when there) in brackets."""
+    digits = data.get("digits", 2)
+
+    def cell(ours, paper):
+        text = _number(ours, digits)
+        return f"{text} ({_number(paper, digits)})" if paper is not None else text
+
+    body = []
+    for row in data["rows"]:
+        papers = row.get("paper") or [None] * len(row["values"])
+        body.append([row["label"]] + [cell(v, p) for v, p in zip(row["values"], papers)])
+    return format_table(data["header"], body, fmt, data.get("caption", ""))
+
+
+def perturbation_table(store, fmt: str = "markdown") -> str:
+    return render_table(perturbation_data(store), fmt)
+
+
+def segmentation_table(store, fmt: str = "markdown") -> str:
+    return render_table(segmentation_data(store), fmt)
+
+
+BENCHMARK_UNITS = {"perturbation": "images", "segmentation": "images", "eraser": "documents"}
+
+
+def header_line(config: dict, n=None, unit: str | None = None) -> str:
+    """The one line every benchmark prints when it starts and every report prints over its table:
+    benchmark | model | weights | data | N images (or documents)."""
+    benchmark = config.get("benchmark") or "n/a"
+    unit = unit or BENCHMARK_UNITS.get(benchmark, "examples")
+    weights = config.get("weights") or config.get("weights_hash") or "n/a"
+    count = "n/a" if n is None else n
+    return (f"{benchmark} | model {config.get('model') or 'n/a'} | weights {weights} | "
+            f"data {config.get('data') or 'n/a'} | {count} {unit}")
+
+
+def resuming_line(out, position: int, total=None, unit: str = "images") -> str:
+    """The message every benchmark prints when it picks up an unfinished results file."""
+    of = f" of {total}" if total is not None else ""
+    return f"Resuming {out} at {unit.rstrip('s')} {position}{of}."
 
 
 def run_description(store) -> str:
-    """One line: what was run, on what, how many examples, and whether the run finished."""
+    """One line: the header line (what was run, on what, how many examples), then how it went."""
     c = store.config
     group = "clean" if c.get("benchmark") == "perturbation" else "images"
     info = store.summary(group)
     n = info.get("n", store.done(group))
-    text = f"{c.get('benchmark')} | model {c.get('model')} ({c.get('weights_hash')}) | data {c.get('data')} | {n} images"
+    text = header_line(c, n)
     if info.get("skipped"):
         text += f", {info['skipped']} skipped (unreadable)"
     if "accuracy" in info and info["accuracy"] == info["accuracy"]:
         text += f" | clean accuracy {100 * info['accuracy']:.2f}%"
-    text += f" | precision {c.get('precision') or 'not recorded'}"
+    text += f" | precision {c.get('precision') or 'n/a'}"
     if c.get("batch_size") is not None:
         sizes = c["batch_size"] if isinstance(c["batch_size"], list) else [c["batch_size"]]
         text += f" | batch size {', '.join(map(str, sizes))}"
@@ -247,25 +304,132 @@ def run_description(store) -> str:
     return text
 
 
-def report_text(path, fmt: str = "markdown") -> str:
-    """The report of a perturbation or segmentation results file as text."""
+#: config keys that may differ between files shown in one table (each file brings its own methods)
+MERGE_FREE = ("methods", "batch_size", "save_maps")
+
+
+class MergedView:
+    """Several results files of one benchmark and the same settings (the quick start writes one
+    file per method) seen as one store whose methods are all of theirs."""
+
+    def __init__(self, views, paths):
+        self._views = list(views)
+        self._owner = {}
+        for view, path in zip(self._views, paths):
+            for method in view.config.get("methods", []):
+                if method in self._owner:
+                    other = paths[self._views.index(self._owner[method])]
+                    raise UserError(f"{method} is in both {other} and {path}: give only one of them to report.")
+                self._owner[method] = view
+        first = self._views[0]
+        self.config = {**first.config, "methods": list(self._owner)}
+        self.benchmark = first.benchmark
+
+    def __getattr__(self, name):
+        return getattr(self._views[0], name)
+
+    def _view_of(self, group: str):
+        return self._owner.get(group.split("/")[0], self._views[0])
+
+    def summary(self, group: str) -> dict:
+        return self._view_of(group).summary(group)
+
+    def done(self, group: str) -> int:
+        return self._view_of(group).done(group)
+
+    @property
+    def is_complete(self) -> bool:
+        return all(v.is_complete for v in self._views)
+
+    @property
+    def position(self) -> int:
+        return min(v.position for v in self._views)
+
+    @property
+    def environments(self) -> list:
+        from .store import canonical_json
+
+        seen, out = set(), []
+        for view in self._views:
+            for env in view.environments:
+                key = canonical_json(env)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(env)
+        return out
+
+
+def _merge_key(config: dict) -> str:
+    from .store import canonical_json
+
+    return canonical_json({k: v for k, v in config.items() if k not in MERGE_FREE})
+
+
+def report_groups(paths) -> list:
+    """[(view, [paths])]: the perturbation and segmentation files given, those of one benchmark and
+    the same settings merged into one view (one table), in the order first given."""
     from .store import ResultStore
 
+    groups: dict = {}
+    for path in paths:
+        store = ResultStore(path)
+        if store.benchmark not in ("perturbation", "segmentation"):
+            raise UserError(f"{path} holds a {store.benchmark or 'unknown'} benchmark that this report does not know: give a perturbation or segmentation results file.")
+        groups.setdefault((store.benchmark, _merge_key(store.config)), []).append((reporting_view(store), Path(path)))
+    out = []
+    for members in groups.values():
+        views, files = [m[0] for m in members], [m[1] for m in members]
+        out.append((views[0] if len(views) == 1 else MergedView(views, files), files))
+    return out
+
+
+def table_data(store) -> dict:
+    if store.benchmark == "perturbation":
+        return perturbation_data(store)
+    return segmentation_data(store)
+
+
+def report_json(store, files) -> dict:
+    """One table of a report for machines: numbers as numbers (null where missing), by method name."""
+    data = table_data(store)
+    methods = data["methods"]
+    return {
+        "benchmark": data["benchmark"], "files": [str(f) for f in files], "complete": bool(store.is_complete),
+        "partial": partial_label(store), "header": run_description(store), "caption": data["caption"],
+        "methods": methods, "display_names": {m: DISPLAY.get(m, m) for m in methods},
+        "rows": [{"label": r["label"], "key": r["key"], "values": dict(zip(methods, r["values"])),
+                  "paper": dict(zip(methods, r["paper"])) if r.get("paper") else None} for r in data["rows"]],
+        "paper_note": paper_note(store, data["benchmark"]), "environment": store.environments, "config": store.config,
+    }
+
+
+def report_text(paths, fmt: str = "markdown") -> str:
+    """The report of perturbation / segmentation results files as text: one table per benchmark and
+    settings (several files of the same run, one per method, become one table). Markdown, CSV (every
+    table, a blank line between them, notes as `# ` lines), LaTeX (booktabs, with a caption) or JSON."""
+    import json
+
     if fmt not in FORMATS:
-        raise UserError(f"Unknown table format {fmt!r}: choose markdown, csv or latex.")
-    store = reporting_view(ResultStore(path))
-    benchmark = store.benchmark
-    if benchmark == "perturbation":
-        table = perturbation_table(store, fmt)
-    elif benchmark == "segmentation":
-        table = segmentation_table(store, fmt)
-    else:
-        raise UserError(f"{path} holds a {benchmark or 'unknown'} benchmark that this report does not know: give a perturbation or segmentation results file.")
-    notes = notes_under_table(store, benchmark, fmt)
-    if fmt == "csv":
-        return f"{table}\n{notes}"
-    prefix = "% " if fmt == "latex" else ""
-    return f"{prefix}{run_description(store)}\n\n{table}\n\n{notes}"
+        raise UserError(f"Unknown table format {fmt!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}.")
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    groups = report_groups(paths)
+    if fmt == "json":
+        return json.dumps({"tables": [report_json(view, files) for view, files in groups]}, indent=2, sort_keys=False)
+    sections = []
+    for view, files in groups:
+        table = render_table(table_data(view), fmt)
+        notes = notes_under_table(view, view.benchmark, fmt)
+        where = f"files: {', '.join(map(str, files))}" if len(files) > 1 else ""
+        if fmt == "csv":
+            extra = [f"# {run_description(view)}"] + ([f"# {where}"] if where else [])
+            sections.append("\n".join([table, *extra, notes]))
+            continue
+        prefix = "% " if fmt == "latex" else ""
+        head = f"{prefix}{run_description(view)}" + (f"\n{prefix}{where}" if where else "")
+        if fmt == "latex":
+            head += "\n% needs \\usepackage{booktabs}"
+        sections.append(f"{head}\n\n{table}\n\n{notes}")
+    return "\n\n".join(sections)
 
 
 def paper_note(store, benchmark: str) -> str | None:
