@@ -451,6 +451,12 @@ REPORT_METRICS = ("iou_f1", "iou_f1_corrected", "auprc", "average_precision", "c
                   "sufficiency_aopc", "comprehensiveness_aopc_corrected", "sufficiency_aopc_corrected", "accuracy")
 
 
+def _number(v, digits: int) -> str:
+    from ..results.tables import _number as number
+
+    return number(v, digits)
+
+
 def report_text(path, fmt: str = "markdown") -> str:
     """The token-F1 (instance macro) table over k, one column per method, and the other metrics;
     markdown, csv or latex. Every row names its metric (`token_f1_macro` with its k, then
@@ -460,17 +466,37 @@ def report_text(path, fmt: str = "markdown") -> str:
     """
     from ..errors import UserError
 
-    if fmt not in ("markdown", "csv", "latex"):
-        raise UserError(f"Unknown report format {fmt!r}: choose markdown, csv or latex.")
+    if fmt not in ("markdown", "csv", "latex", "json"):
+        raise UserError(f"Unknown report format {fmt!r}: choose markdown, csv, latex or json.")
+    from ..results.tables import _value, header_line
+
     store, methods = _load(path)
     sums = {m: store.summary(m) for m in methods}
     ks = sums[methods[0]]["k"]
+    if fmt == "json":
+        import json
+
+        from ..results.tables import notes_under_table
+
+        n = sums[methods[0]].get("documents")
+        table = {"benchmark": "eraser", "files": [str(path)], "complete": bool(store.is_complete), "partial": None,
+                 "header": header_line(store.config, n, "documents"),
+                 "caption": "ERASER token F1 (instance macro) of the top-k words, and the other metrics.",
+                 "methods": methods, "display_names": {m: m for m in methods},
+                 "rows": [{"label": f"token_f1_macro at k={k}", "key": f"token_f1_macro/{k}",
+                           "values": {m: _value(sums[m]["token_f1_macro"][j]) for m in methods}, "paper": None}
+                          for j, k in enumerate(ks)]
+                 + [{"label": key, "key": key, "values": {m: _value(sums[m].get(key)) for m in methods}, "paper": None}
+                    for key in REPORT_METRICS],
+                 "paper_note": None, "environment": store.environments, "config": store.config,
+                 "notes": notes_under_table(store, "eraser", "markdown").splitlines()}
+        return json.dumps({"tables": [table]}, indent=2)
 
     def value(m, key):
-        v = sums[m].get(key)
-        return f"{float(v):.4f}" if v is not None else "nan"
+        v = _value(sums[m].get(key))
+        return f"{v:.4f}" if v is not None else "n/a"
 
-    rows = [[str(k)] + [f"{sums[m]['token_f1_macro'][j]:.4f}" for m in methods] for j, k in enumerate(ks)]
+    rows = [[str(k)] + [_number(sums[m]["token_f1_macro"][j], 4) for m in methods] for j, k in enumerate(ks)]
     other = [[key] + [value(m, key) for m in methods] for key in REPORT_METRICS]
     if fmt == "csv":
         lines = [["metric", "k"] + methods] + [["token_f1_macro"] + r for r in rows] + [[r[0], ""] + r[1:] for r in other]
@@ -488,13 +514,12 @@ def report_text(path, fmt: str = "markdown") -> str:
     def esc(s):
         return s.replace("_", "\\_").replace("%", "\\%")
 
-    def latex(head, body):
-        lines = ["\\begin{tabular}{l" + "r" * (len(head) - 1) + "}", "\\hline",
-                 " & ".join(esc(h) for h in head) + " \\\\", "\\hline"]
-        lines += [" & ".join(esc(c) for c in r) + " \\\\" for r in body]
-        return "\n".join(lines + ["\\hline", "\\end{tabular}"])
+    from ..results.tables import format_table
 
-    return latex(header, rows) + "\n\n" + latex(["metric"] + methods, other) + "\n"
+    n = sums[methods[0]].get("documents", 0)
+    return ("% " + header_line(store.config, n, "documents") + "\n% needs \\usepackage{booktabs}\n\n"
+            + format_table(header, rows, "latex", f"ERASER token F1 (instance macro) of the top-k words, {n} documents.")
+            + "\n\n" + format_table(["metric"] + methods, other, "latex", "ERASER: the other metrics.") + "\n")
 
 
 def plot(path, out_png) -> None:
