@@ -20,7 +20,7 @@ PERTURB_LIMIT = 50
 SEG_LIMIT = 60
 BATCH_SIZE = 50
 #: allowed drift, see configs/expected/README.md
-TOLERANCE = {"perturbation_auc": 0.5, "segmentation": 0.5, "clean_accuracy": round(100 / PERTURB_LIMIT, 4)}
+TOLERANCE = {"perturbation_auc": 0.05, "segmentation": 0.01, "clean_accuracy": round(100 / PERTURB_LIMIT / 2, 4)}
 
 
 def compute(perturb_limit: int = PERTURB_LIMIT, seg_limit: int = SEG_LIMIT, batch_size: int = BATCH_SIZE,

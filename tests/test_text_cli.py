@@ -65,7 +65,7 @@ def test_explain_text_terminal_and_html(tmp_path):
 def test_bad_inputs_exit_2_with_one_sentence(tmp_path):
     cases = [
         (("eraser", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a.h5")), "does not exist"),
-        (("eraser", "--method", "full_lrp", "--out", str(tmp_path / "b.h5")), "full_lrp is not defined for text"),
+        (("eraser", "--method", "rollout", "--precision", "float16", "--out", str(tmp_path / "b.h5")), "Unknown precision"),
         (("eraser", "--method", "nonsense", "--out", str(tmp_path / "c.h5")), "Unknown method"),
         (("eraser", "--limit", "0", "--out", str(tmp_path / "d.h5")), "--limit must be at least 1"),
         (("explain", "--text", "   "), "empty"),
@@ -100,6 +100,6 @@ def test_regression_against_expected_numbers(tmp_path):
         f1 = dict(zip(got["k"], got["token_f1_macro"]))
         for k, value in expected["token_f1_macro"].items():
             assert f1[int(k)] == pytest.approx(value, abs=tol), (method, k)
-        keys = ("iou_f1", "auprc", "accuracy") + (("comprehensiveness_aopc", "sufficiency_aopc") if spec["faithfulness_in_ci"] else ())
+        keys = ("iou_f1", "iou_f1_corrected", "auprc", "average_precision", "accuracy") + (("comprehensiveness_aopc", "sufficiency_aopc") if spec["faithfulness_in_ci"] else ())
         for key in keys:
                 assert got[key] == pytest.approx(expected[key], abs=tol), (method, key)
