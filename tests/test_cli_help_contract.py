@@ -58,16 +58,12 @@ def test_every_benchmark_has_the_common_options(command):
 
 @pytest.mark.parametrize("command", BENCHMARKS)
 def test_limit_shows_its_range(command):
-    if command == "eraser":
-        pytest.xfail("eraser --limit keeps its own range check until tests/test_text_cli.py takes click's wording")
     line = _option_line(_help(command), "--limit")
     assert "<int range>" in line and "x>=1" in _help(command).split("--limit", 1)[1].split("\n  -")[0]
 
 
 @pytest.mark.parametrize("command", BENCHMARKS)
 def test_every_benchmark_has_device(command):
-    if command == "eraser":
-        pytest.xfail("run_eraser computes on the CPU only; --device waits for it")
     assert _option_line(_help(command), "--device")
 
 

@@ -207,7 +207,7 @@ def test_a_reader_works_while_the_writer_has_the_file_open(tmp_path):
     with h5py.File(path, "a"):  # the writer in the middle of a batch
         r = tx("report", path)
         assert r.returncode == 0, r.stderr
-        assert "| AUC (%) |" in r.stdout
+        assert "| AUC (%)" in r.stdout and "| Positive, predicted | 90.00 |" in r.stdout
     store.write_batch({"clean": {"hit": np.array([True])}}, position=3)  # the writer is not disturbed
     store.close()
     assert ResultStore(path).position == 3

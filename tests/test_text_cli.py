@@ -67,7 +67,6 @@ def test_bad_inputs_exit_2_with_one_sentence(tmp_path):
         (("eraser", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a.h5")), "does not exist"),
         (("eraser", "--method", "rollout", "--precision", "float16", "--out", str(tmp_path / "b.h5")), "Unknown precision"),
         (("eraser", "--method", "nonsense", "--out", str(tmp_path / "c.h5")), "Unknown method"),
-        (("eraser", "--limit", "0", "--out", str(tmp_path / "d.h5")), "--limit must be at least 1"),
         (("explain", "--text", "   "), "empty"),
     ]
     for args, needle in cases:
@@ -79,6 +78,11 @@ def test_bad_inputs_exit_2_with_one_sentence(tmp_path):
 
 
 @needs_model
+
+def test_eraser_limit_out_of_range_is_a_usage_error():
+    r = tx("eraser", "--limit", "0")
+    assert r.returncode == 2 and "--limit" in r.stderr and "Usage:" in r.stderr and "--debug" not in r.stderr
+
 def test_regression_against_expected_numbers(tmp_path):
     """The embedded default must reproduce configs/expected/embedded_text.json within its tolerance."""
     import torch

@@ -72,8 +72,7 @@ def register(app: typer.Typer):
         data: Optional[str] = typer.Option(None, "--data", help="ERASER 'movies' folder (or 'hf' for the cached movie_rationales); default: the embedded reviews."),
         model: str = typer.Option("embedded", "--model", "-m", help="'embedded', or a local Hugging Face model folder."),
         split: str = typer.Option("test", "--split", help="train, val or test."),
-        # the range is checked below, in the sentence tests/test_text_cli.py expects (not yet click's IntRange)
-        limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N documents (N >= 1)."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N documents."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Documents per batch."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/eraser_<method>.h5; resumed if it exists)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over."),
@@ -81,18 +80,20 @@ def register(app: typer.Typer):
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
         precision: str = typer.Option("float64", "--precision", help="float64 (the same numbers on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     ):
         """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
         import os
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if limit is not None and limit < 1:
-            raise UserError(f"--limit must be at least 1, got {limit}.")
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
         from ..precision import check_precision
 
+        from .vision import check_device
+
         precision = check_precision(precision)
+        device = check_device(device)
         methods = _methods(method)
         examples, data_desc = _load_examples(data, split, limit, strict, quiet)
         if not examples:
@@ -115,7 +116,7 @@ def register(app: typer.Typer):
         typer.echo(header_line({**config, "benchmark": "eraser"}, len(examples), "documents"))
         _say_where_resumed(out, overwrite, methods, len(examples))
         sums = run_eraser(examples, mdl, tok, methods, out, config, batch_size=batch_size, overwrite=overwrite,
-                          quiet=quiet, faithfulness=not no_faithfulness, precision=precision)
+                          quiet=quiet, faithfulness=not no_faithfulness, precision=precision, device=device)
         from .vision import eraser_report
 
         typer.echo(eraser_report(out, "markdown"))  # the table `tx-bench report` prints, as perturb and segment do

@@ -243,7 +243,7 @@ def _probs(model, tokenizer, word_lists, max_length, batch_size=32) -> np.ndarra
     out = []
     for i in range(0, len(word_lists), batch_size):
         chunk = [w if w else [tokenizer.unk_token or "[UNK]"] for w in word_lists[i:i + batch_size]]
-        enc = _tokenize(tokenizer, chunk, max_length)
+        enc = _tokenize(tokenizer, chunk, max_length).to(next(model.parameters()).device)
         with torch.no_grad():
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                            **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})).logits
@@ -394,7 +394,7 @@ def summarise(rows: dict) -> dict:
 
 def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_size: int = 8, overwrite: bool = False,
                quiet: bool = False, max_length: int | None = None, faithfulness: bool = True,
-               precision: str = "float64") -> dict:
+               precision: str = "float64", device: str = "cpu") -> dict:
     """Run every method over `examples`, appending rows to the HDF5 file `out` (resumable).
 
     Returns {method: summary}. The file's root attribute `benchmark` is "eraser"; each method is a
@@ -408,21 +408,26 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
     from ..precision import check_precision
     from ..results.store import ResultStore
 
+    from .. import interrupt
+
     precision = check_precision(precision)
-    adapter = TextAdapter(model, tokenizer)
+    adapter = TextAdapter(model.to(device), tokenizer)
     max_length = max_length or min(adapter.max_length, 512)
     gold_lengths = [len(e.evidence_tokens) for e in examples if e.evidences]
     rationale_k = max(1, int(round(float(np.mean(gold_lengths))))) if gold_lengths else 1
     store = ResultStore(out, {**config, "benchmark": "eraser", "max_length": max_length,
                               "rationale_k": rationale_k}, overwrite=overwrite, benchmark="eraser")
     summaries = {}
-    for method in methods:
+    total = len(methods) * len(examples)
+    for mi, method in enumerate(methods):
         start = store.done(method)
+        interrupt.progress(mi * len(examples) + start, total, "documents")
         bar = tqdm(total=len(examples), initial=start, desc=method, disable=quiet or not sys.stderr.isatty(), leave=False)
         for i in range(start, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             store.append(method, evaluate_batch(adapter, tokenizer, chunk, method, max_length, rationale_k, faithfulness,
                                                 precision=precision))
+            interrupt.progress(mi * len(examples) + i + len(chunk), total, "documents")
             bar.update(len(chunk))
         bar.close()
         rows = {name: store.read(method, name) for name in store.names(method)}
