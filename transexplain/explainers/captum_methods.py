@@ -1,0 +1,249 @@
+"""The classic gradient baselines at pixel level, computed by Captum: saliency, input × gradient,
+integrated gradients and SmoothGrad.
+
+Every method differentiates the raw (pre-softmax) logit of the target class with respect to the
+model's input: the normalised pixels for images, the embedding output (B, N, D) for text (token ids
+have no gradient; the embedding output is where `full_lrp` stops too). Images give a (B, H, W)
+pixel map; text gives one score per token, taking the token-map path of `api.explain`.
+
+Channel reduction: the signed methods (input × gradient, integrated gradients) sum over the colour
+channels / hidden units; saliency and SmoothGrad take |gradient| and, for images, the maximum over
+colour channels (Simonyan et al. 2014), for text the sum over hidden units.
+
+Batch invariance: every map depends on its own sample only. SmoothGrad's noise is drawn per sample
+from a generator seeded by the sample's content (XOR the `seed` option), not from the global RNG as
+Captum's NoiseTunnel does (whose noise would depend on the batch and on the caller's RNG state), so
+we draw the noise here and average Captum's Saliency over the noisy copies, which is what
+NoiseTunnel(Saliency, nt_type="smoothgrad") computes.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..errors import UserError
+from .base import Explainer, register, select_target
+
+QUADRATURES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+
+
+class _CaptumInput:
+    """What Captum differentiates for one batch: `inputs` (a tensor with the batch on dim 0), a
+    `forward(inputs, *args)` returning the logits, and `args` (Captum's additional_forward_args,
+    repeated by Captum along with the inputs)."""
+
+    def __init__(self, adapter, x):
+        self.adapter = adapter
+        self.pixels = bool(getattr(adapter, "pixel_input", True))
+        if self.pixels:
+            self.inputs = x.detach().requires_grad_(True)
+            self.args = None
+            self.valid = None
+        else:
+            with torch.no_grad():
+                self.inputs = adapter.embed(x).detach()
+            self.inputs.requires_grad_(True)
+            self._has_types = x.token_type_ids is not None
+            types = x.token_type_ids if self._has_types else torch.zeros_like(x.input_ids)
+            self.args = (x.input_ids, x.attention_mask, types)
+            self.valid = x.attention_mask.bool()
+
+    def forward(self, inputs, *args):
+        if self.pixels:
+            return self.adapter.run(inputs).logits
+        from ..models.text import TextBatch
+
+        ids, mask, types = args
+        enc = self.adapter.encoder
+        last = getattr(enc, "embeddings_project", None) or enc.embeddings
+        # the embedding output is replaced by `inputs`, so the rest of the forward runs from there
+        handle = last.register_forward_hook(lambda module, args_, output: inputs)
+        try:
+            return self.adapter.run(TextBatch(ids, mask, types if self._has_types else None)).logits
+        finally:
+            handle.remove()
+
+    def reduce_signed(self, attr):
+        """Sum over the colour channels (B, C, H, W) → (B, H, W), or the hidden units (B, N, D) → (B, N)."""
+        return attr.sum(1) if self.pixels else attr.sum(-1)
+
+    def reduce_magnitude(self, attr):
+        """|attr| already taken: max over the colour channels, or the sum over the hidden units."""
+        return attr.amax(1) if self.pixels else attr.sum(-1)
+
+
+def _target_and_logits(adapter, x, target):
+    with torch.no_grad():
+        logits = adapter.run(x).logits
+    return select_target(logits, target), logits.detach()
+
+
+def _chunk(options, batch: int) -> int:
+    size = int(options["internal_batch_size"])
+    if size < 1:
+        raise UserError(f"internal_batch_size must be a positive number of rows per pass, got {size}.")
+    return max(size, batch)
+
+
+def _positive_int(options, key: str) -> int:
+    value = options[key]
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise UserError(f"{key} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+class _CaptumExplainer(Explainer):
+    class_specific = True
+    #: images: a (B, H, W) pixel map; text: one score per token (set per call, before api.explain reads it)
+    pixel_level = True
+
+    def _start(self, adapter, x, target):
+        wrapped = _CaptumInput(adapter, x)
+        self.pixel_level = wrapped.pixels
+        target, logits = _target_and_logits(adapter, x, target)
+        return wrapped, target, logits
+
+    @staticmethod
+    def _finish(adapter, x, wrapped):
+        if not wrapped.pixels:
+            # the text adapter keeps the attention mask of the batch it ran last (to zero padding):
+            # Captum ran it on the expanded batch, so run the clean batch once more
+            with torch.no_grad():
+                adapter.run(x)
+
+
+@register
+class Saliency(_CaptumExplainer):
+    name = "saliency"
+    description = ("Saliency (Simonyan et al. 2014, Captum Saliency): |∂y_t/∂x|, max over colour channels "
+                   "(text: summed over hidden units of the embedding output).")
+
+    def scores(self, adapter, x, target):
+        from captum.attr import Saliency as CaptumSaliency
+
+        wrapped, target, logits = self._start(adapter, x, target)
+        grad = CaptumSaliency(wrapped.forward).attribute(
+            wrapped.inputs, target=target, abs=True, additional_forward_args=wrapped.args)
+        self._finish(adapter, x, wrapped)
+        return wrapped.reduce_magnitude(grad.detach()), logits, target
+
+
+@register
+class InputXGradient(_CaptumExplainer):
+    name = "input_x_gradient"
+    description = ("Input × gradient (Shrikumar et al. 2016, Captum InputXGradient): x ⊙ ∂y_t/∂x summed over "
+                   "colour channels (text: embedding output, summed over hidden units).")
+
+    def scores(self, adapter, x, target):
+        from captum.attr import InputXGradient as CaptumInputXGradient
+
+        wrapped, target, logits = self._start(adapter, x, target)
+        attr = CaptumInputXGradient(wrapped.forward).attribute(
+            wrapped.inputs, target=target, additional_forward_args=wrapped.args)
+        self._finish(adapter, x, wrapped)
+        return wrapped.reduce_signed(attr.detach()), logits, target
+
+
+def _baseline(adapter, wrapped, choice):
+    """The IG reference point x', in the model's input space."""
+    if choice == "zeros":
+        return torch.zeros_like(wrapped.inputs)
+    if choice == "black":
+        if not wrapped.pixels or not hasattr(adapter, "mean"):
+            raise UserError("baseline='black' needs an image model with a known mean and std; use baseline='zeros'.")
+        mean = torch.tensor(adapter.mean, dtype=torch.float64)
+        std = torch.tensor(adapter.std, dtype=torch.float64)
+        black = (-mean / std).to(wrapped.inputs.dtype).to(wrapped.inputs.device)
+        return black[None, :, None, None].expand_as(wrapped.inputs).contiguous()
+    raise UserError(f"Unknown baseline {choice!r}: choose 'zeros' (0 in the model's input space) or 'black' (images).")
+
+
+@register
+class IntegratedGradients(_CaptumExplainer):
+    name = "integrated_gradients"
+    description = ("Integrated gradients (Sundararajan et al. 2017, Captum IntegratedGradients): "
+                   "(x−x') ⊙ ∫∂y_t/∂x along x'→x, summed over colour channels; baseline 0, 20 steps.")
+
+    @classmethod
+    def defaults(cls):
+        return {"steps": 20, "baseline": "zeros", "quadrature": "gausslegendre", "internal_batch_size": 32}
+
+    def scores(self, adapter, x, target):
+        from captum.attr import IntegratedGradients as CaptumIG
+
+        steps = _positive_int(self.options, "steps")
+        quadrature = self.options["quadrature"]
+        if quadrature not in QUADRATURES:
+            raise UserError(f"Unknown quadrature {quadrature!r}: choose one of {', '.join(QUADRATURES)}.")
+        if quadrature == "riemann_trapezoid" and steps < 2:
+            raise UserError("quadrature='riemann_trapezoid' needs at least 2 steps.")
+        wrapped, target, logits = self._start(adapter, x, target)
+        base = _baseline(adapter, wrapped, self.options["baseline"])
+        attr = CaptumIG(wrapped.forward).attribute(
+            wrapped.inputs, baselines=base, target=target, additional_forward_args=wrapped.args,
+            n_steps=steps, method=quadrature, internal_batch_size=_chunk(self.options, len(wrapped.inputs)))
+        self._finish(adapter, x, wrapped)
+        return wrapped.reduce_signed(attr.detach()), logits, target
+
+
+def _sample_seed(sample: torch.Tensor, seed: int) -> int:
+    # hashed in float32 so that both precisions draw the same noise for the same image
+    data = sample.detach().cpu()
+    data = data.float() if data.is_floating_point() else data.long()
+    digest = hashlib.sha256(data.numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") ^ int(seed)
+
+
+@register
+class SmoothGrad(_CaptumExplainer):
+    name = "smoothgrad"
+    description = ("SmoothGrad (Smilkov et al. 2017, Captum Saliency on noisy copies): mean |∂y_t/∂x| over 20 "
+                   "Gaussian copies (σ = 0.15 × the sample's value range), max over colour channels.")
+
+    @classmethod
+    def defaults(cls):
+        return {"samples": 20, "noise": 0.15, "seed": 0, "internal_batch_size": 32}
+
+    def noise(self, x, wrapped) -> torch.Tensor:
+        """(B, samples, *input shape) Gaussian noise, each sample's drawn from its own generator."""
+        n = _positive_int(self.options, "samples")
+        level = float(self.options["noise"])
+        if not level >= 0:
+            raise UserError(f"noise must be a non-negative fraction of the input range, got {self.options['noise']!r}.")
+        inputs = wrapped.inputs.detach()
+        draws = []
+        for i, sample in enumerate(x):  # one generator per sample keeps the map independent of the batch
+            gen = torch.Generator().manual_seed(_sample_seed(sample, self.options["seed"]))
+            if wrapped.pixels:
+                values = inputs[i]
+                eps = torch.randn((n, *values.shape), generator=gen, dtype=torch.float64)
+            else:
+                valid = wrapped.valid[i].cpu()
+                values = inputs[i][wrapped.valid[i]]
+                eps = torch.zeros((n, *inputs.shape[1:]), dtype=torch.float64)
+                eps[:, valid] = torch.randn((n, int(valid.sum()), inputs.shape[-1]), generator=gen, dtype=torch.float64)
+            span = (values.max() - values.min()).double().cpu() if values.numel() else torch.tensor(0.0, dtype=torch.float64)
+            draws.append(eps * (level * span))
+        return torch.stack(draws).to(dtype=inputs.dtype, device=inputs.device)
+
+    def scores(self, adapter, x, target):
+        from captum.attr import Saliency as CaptumSaliency
+
+        wrapped, target, logits = self._start(adapter, x, target)
+        eps = self.noise(x, wrapped)
+        n_batch, n = eps.shape[:2]
+        rows = (wrapped.inputs.detach().unsqueeze(1) + eps).reshape(n_batch * n, *wrapped.inputs.shape[1:])
+        row_target = target.repeat_interleave(n)
+        row_args = None if wrapped.args is None else tuple(a.repeat_interleave(n, 0) for a in wrapped.args)
+        chunk = _chunk(self.options, 1)
+        saliency = CaptumSaliency(wrapped.forward)
+        parts = []
+        for start in range(0, len(rows), chunk):
+            part = slice(start, start + chunk)
+            parts.append(saliency.attribute(
+                rows[part].requires_grad_(True), target=row_target[part], abs=True,
+                additional_forward_args=None if row_args is None else tuple(a[part] for a in row_args)).detach())
+        grads = torch.cat(parts).reshape(n_batch, n, *wrapped.inputs.shape[1:]).mean(1)
+        self._finish(adapter, x, wrapped)
+        return wrapped.reduce_magnitude(grads), logits, target
