@@ -86,6 +86,20 @@ def test_grey_and_rgba_images_become_rgb(tmp_path):
     labels.write_text("g.png 0\nr.png 1\n")
     ds = ImageFolderDataset(tmp_path, Preprocess((4, 4), MEAN, STD), labels_file=labels)
     assert ds.load(0).shape == (3, 4, 4) and ds.load(1).shape == (3, 4, 4)
+    assert ds.converted == {0, 1}  # the perturb command says how many were converted
+
+
+def test_the_perturb_command_says_how_many_images_were_converted(tmp_path):
+    from test_vision_cli import make_checkpoint, make_image_folder, tx
+
+    imgs = make_image_folder(tmp_path / "imgs")
+    first = sorted(p for p in imgs.rglob("*.png"))[0]
+    rgb = np.asarray(Image.open(first).convert("RGB"))
+    Image.fromarray(rgb[..., 0]).save(first)  # one grey-scale image among RGB ones
+    r = tx("perturb", "--method", "rollout", "--data", imgs, "--model", make_checkpoint(tmp_path / "ckpt"),
+           "--out", tmp_path / "p.h5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "Converted to RGB, as `tx-bench explain` does: 1 image (it was grey-scale" in r.stdout
 
 
 def test_bad_paths_are_one_sentence(tmp_path):

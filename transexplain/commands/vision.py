@@ -197,6 +197,10 @@ def perturb(
         loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
         batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet,
         precision=precision), device=device, total=total)
+    if dataset.converted:
+        n = len(dataset.converted)
+        typer.echo(f"Converted to RGB, as `tx-bench explain` does: {n} image{'s' if n != 1 else ''} "
+                   f"({'it was' if n == 1 else 'they were'} grey-scale, palette or RGBA).")
 
 
 def segment(

@@ -79,6 +79,8 @@ class ImageFolderDataset:
                  class_names: list | None = None):
         self.root = Path(root)
         self.preprocess = preprocess
+        #: indices of the images read so far that were not RGB (grey-scale, palette, RGBA): converted
+        self.converted: set = set()
         if not self.root.exists():
             raise UserError(f"The data path {self.root} does not exist: give an image folder with one sub-folder per class (or a flat folder with --labels).")
         if not self.root.is_dir():
@@ -152,6 +154,8 @@ class ImageFolderDataset:
 
         try:
             with Image.open(self.items[i][0]) as img:
+                if img.mode != "RGB":
+                    self.converted.add(i)  # converted to RGB by the preprocessing, as `explain` does
                 return self.preprocess(img)
         except (OSError, ValueError, SyntaxError):  # PIL's decode errors (UnidentifiedImageError is an OSError)
             return None
