@@ -26,7 +26,7 @@ def test_eraser_end_to_end_and_report(tmp_path):
     out = tmp_path / "tmp.h5"
     r = tx("eraser", "--limit", "4", "--method", "transformer_attribution", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "embedded" in r.stdout and "transformer_attribution" in r.stdout
+    assert "embedded" in r.stdout and "Transformer Attribution" in r.stdout
     from transexplain.evaluation.eraser import plot, report_text
     from transexplain.results.store import ResultStore
 
@@ -34,9 +34,9 @@ def test_eraser_end_to_end_and_report(tmp_path):
     assert store.benchmark == "eraser" and store.is_complete
     assert store.summary("transformer_attribution")["documents"] == 4
     md = report_text(out, "markdown")
-    assert "| token_f1_macro at k | transformer_attribution |" in md and "| 80 |" in md and "| auprc |" in md
+    assert "| token_f1_macro at k | Transformer Attribution |" in md and "| 80 |" in md and "| auprc |" in md
     csv = report_text(out, "csv").splitlines()  # every row names its metric
-    assert csv[0] == "metric,k,transformer_attribution" and csv[1].startswith("token_f1_macro,5,")
+    assert csv[0] == "metric,k,Transformer Attribution" and csv[1].startswith("token_f1_macro,5,")
     assert any(r.startswith("iou_f1,,") for r in csv) and any(r.startswith("average_precision,,") for r in csv)
     assert "\\begin{tabular}" in report_text(out, "latex")
     plot(out, tmp_path / "f1.png")

@@ -473,9 +473,10 @@ def report_text(path, fmt: str = "markdown") -> str:
 
     if fmt not in ("markdown", "csv", "latex", "json"):
         raise UserError(f"Unknown report format {fmt!r}: choose markdown, csv, latex or json.")
-    from ..results.tables import _value, header_line
+    from ..results.tables import DISPLAY, _value, header_line
 
     store, methods = _load(path)
+    names = [DISPLAY.get(m, m) for m in methods]  # the display names every report uses
     sums = {m: store.summary(m) for m in methods}
     ks = sums[methods[0]]["k"]
     if fmt == "json":
@@ -487,7 +488,7 @@ def report_text(path, fmt: str = "markdown") -> str:
         table = {"benchmark": "eraser", "files": [str(path)], "complete": bool(store.is_complete), "partial": None,
                  "header": header_line(store.config, n, "documents"),
                  "caption": "ERASER token F1 (instance macro) of the top-k words, and the other metrics.",
-                 "methods": methods, "display_names": {m: m for m in methods},
+                 "methods": methods, "display_names": dict(zip(methods, names)),
                  "rows": [{"label": f"token_f1_macro at k={k}", "key": f"token_f1_macro/{k}",
                            "values": {m: _value(sums[m]["token_f1_macro"][j]) for m in methods}, "paper": None}
                           for j, k in enumerate(ks)]
@@ -504,9 +505,9 @@ def report_text(path, fmt: str = "markdown") -> str:
     rows = [[str(k)] + [_number(sums[m]["token_f1_macro"][j], 4) for m in methods] for j, k in enumerate(ks)]
     other = [[key] + [value(m, key) for m in methods] for key in REPORT_METRICS]
     if fmt == "csv":
-        lines = [["metric", "k"] + methods] + [["token_f1_macro"] + r for r in rows] + [[r[0], ""] + r[1:] for r in other]
+        lines = [["metric", "k"] + names] + [["token_f1_macro"] + r for r in rows] + [[r[0], ""] + r[1:] for r in other]
         return "\n".join(",".join(r) for r in lines) + "\n"
-    header = ["token_f1_macro at k"] + methods
+    header = ["token_f1_macro at k"] + names
     if fmt == "markdown":
         def table(head, body):
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -514,7 +515,7 @@ def report_text(path, fmt: str = "markdown") -> str:
 
         n = sums[methods[0]].get("documents", 0)
         return (f"ERASER token F1 (instance macro) of the top-k words, {n} documents\n\n" + table(header, rows)
-                + "\n\n" + table(["metric"] + methods, other) + "\n")
+                + "\n\n" + table(["metric"] + names, other) + "\n")
 
     def esc(s):
         return s.replace("_", "\\_").replace("%", "\\%")
@@ -524,7 +525,7 @@ def report_text(path, fmt: str = "markdown") -> str:
     n = sums[methods[0]].get("documents", 0)
     return ("% " + header_line(store.config, n, "documents") + "\n% needs \\usepackage{booktabs}\n\n"
             + format_table(header, rows, "latex", f"ERASER token F1 (instance macro) of the top-k words, {n} documents.")
-            + "\n\n" + format_table(["metric"] + methods, other, "latex", "ERASER: the other metrics.") + "\n")
+            + "\n\n" + format_table(["metric"] + names, other, "latex", "ERASER: the other metrics.") + "\n")
 
 
 def plot(path, out_png) -> None:
