@@ -109,6 +109,7 @@ class SwinAdapter(EncoderAdapter):
         h = tape.move(lambda t: t.permute(0, 2, 3, 1), h)  # NCHW -> NHWC
         h = tape.passthrough(pe.norm, h)
         attentions, stats = [], []
+        hidden = []  # per block: its output tokens (B, H, W, C) (used by legrad)
         b = 0
         for stage in m.layers:
             ds = stage.downsample
@@ -123,6 +124,7 @@ class SwinAdapter(EncoderAdapter):
                 stats.append((mu.flatten(1), sigma.flatten(1)))
                 h, att = self._block(tape, blk, h, b)
                 attentions.append(att)
+                hidden.append(h)
                 b += 1
         h = tape.passthrough(m.norm, h)
         h = tape.move(lambda t: t.flatten(1, 2), h)
@@ -132,6 +134,7 @@ class SwinAdapter(EncoderAdapter):
         logits = tape.passthrough(m.head.flatten, logits)
         trace = Trace(logits=logits, attentions=attentions, tape=tape, input=x)
         trace.extras["ln_stats"] = stats
+        trace.extras["hidden"] = hidden
         return trace
 
     def _block(self, tape: Tape, blk, x, b: int):

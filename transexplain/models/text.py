@@ -183,12 +183,15 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         dtype = h.dtype
         bias = (1.0 - x.attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         attentions = []
+        hidden = []  # per layer: its output tokens (B, N, D) (used by legrad)
         for b, layer in enumerate(self.encoder.encoder.layer):
             h, att = self._block(tape, layer, h, bias, b)
             attentions.append(att)
+            hidden.append(h)
         logits = self._head(tape, h)
         return Trace(logits=logits, attentions=attentions, tape=tape, input=start,
-                     extras={"attention_mask": x.attention_mask, "special_mask": x.special_mask})
+                     extras={"attention_mask": x.attention_mask, "special_mask": x.special_mask,
+                             "hidden": hidden})
 
     def _block(self, tape: Tape, layer, x, bias, b: int):
         sa = layer.attention.self

@@ -119,17 +119,19 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         h = tape.passthrough(m.norm_pre, h)
         attentions = []
         ln_stats = []  # per block: (μ_t, σ_t) of norm1's input, (B, N) each (used by ln_stats)
+        hidden = []  # per block: its output tokens (B, N, D), before the final norm (used by legrad)
         for b, blk in enumerate(m.blocks):
             with torch.no_grad():
                 var, mu = torch.var_mean(h.detach(), dim=-1, unbiased=False)
                 ln_stats.append((mu, torch.sqrt(var + getattr(blk.norm1, "eps", 1e-6))))
             h, att = self._block(tape, blk, h, b)
             attentions.append(att)
+            hidden.append(h)
         h = tape.passthrough(m.norm, h)
         pooled = tape.move(lambda t: t[:, 0], h)
         pooled = tape.passthrough(m.fc_norm, pooled)
         logits = tape.linear(pooled, m.head)
-        return Trace(logits=logits, attentions=attentions, tape=tape, input=x, extras={"ln_stats": ln_stats})
+        return Trace(logits=logits, attentions=attentions, tape=tape, input=x, extras={"ln_stats": ln_stats, "hidden": hidden})
 
     def _block(self, tape: Tape, blk, x, b: int):
         attn = blk.attn
