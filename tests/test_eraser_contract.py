@@ -4,6 +4,7 @@ import json
 import subprocess
 
 from test_cli_contract import ENTRY, ENV
+from test_vision_cli import tx
 
 
 def test_eraser_writes_results_eraser_method_h5_and_prints_the_header_line(tmp_path):
@@ -27,3 +28,23 @@ def test_eraser_writes_results_eraser_method_h5_and_prints_the_header_line(tmp_p
     assert "nan" not in md and "| comprehensiveness_aopc | n/a |" in md
     tex = subprocess.run([str(ENTRY), "report", out, "--format", "latex"], capture_output=True, text=True, env=ENV, timeout=120).stdout
     assert r"\toprule" in tex and r"\caption{" in tex and "booktabs" in tex
+
+
+def test_report_of_an_interrupted_eraser_run_shows_the_documents_so_far(tmp_path):
+    """Before: `report` refused ("no finished ERASER method yet") until a method had run to the end."""
+    import json
+
+    out = tmp_path / "e.h5"
+    args = ("eraser", "--limit", "4", "--batch-size", "2", "--method", "rollout", "--no-faithfulness", "--out", out, "--quiet")
+    killed = tx(*args, extra_env={"TX_BENCH_KILL_AFTER_BATCH": "1"})
+    assert killed.returncode != 0  # SIGKILLed after its first batch of 2 documents
+    for fmt, needle in (("markdown", "PARTIAL (partial: rollout 2 of 4 documents"), ("csv", "rollout [partial]"),
+                        ("latex", "PARTIAL (partial: rollout 2 of 4 documents")):
+        r = tx("report", out, "--format", fmt)
+        assert r.returncode == 0, r.stderr
+        assert needle in r.stdout, (fmt, r.stdout)
+    table = json.loads(tx("report", out, "--format", "json").stdout)["tables"][0]
+    assert "2 of 4" in table["partial"] and table["rows"][0]["values"]["rollout"] is not None
+    done = tx(*args)  # the same command resumes and finishes
+    assert done.returncode == 0 and "Resuming" in done.stdout, done.stdout + done.stderr
+    assert "PARTIAL" not in tx("report", out).stdout

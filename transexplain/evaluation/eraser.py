@@ -418,7 +418,10 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
     store = ResultStore(out, {**config, "benchmark": "eraser", "max_length": max_length,
                               "rationale_k": rationale_k}, overwrite=overwrite, benchmark="eraser")
     summaries = {}
+    from .perturbation import maybe_kill
+
     total = len(methods) * len(examples)
+    batches_done = 0
     for mi, method in enumerate(methods):
         start = store.done(method)
         interrupt.progress(mi * len(examples) + start, total, "documents")
@@ -428,6 +431,8 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
             store.append(method, evaluate_batch(adapter, tokenizer, chunk, method, max_length, rationale_k, faithfulness,
                                                 precision=precision))
             interrupt.progress(mi * len(examples) + i + len(chunk), total, "documents")
+            batches_done += 1
+            maybe_kill(batches_done)
             bar.update(len(chunk))
         bar.close()
         rows = {name: store.read(method, name) for name in store.names(method)}
@@ -445,10 +450,28 @@ def _load(path):
     store = ResultStore(path)
     if store.benchmark != "eraser":
         raise UserError(f"{path} holds a {store.benchmark or 'unknown'} benchmark, not eraser.")
-    methods = [g for g in store.groups() if store.summary(g).get("k")]
+    groups = set(store.groups())
+    order = list(store.config.get("methods") or []) + sorted(groups)
+    methods = [g for g in dict.fromkeys(order) if g in groups and (store.summary(g).get("k") or store.done(g))]
     if not methods:
-        raise UserError(f"{path} holds no finished ERASER method yet: run `tx-bench eraser` to completion first.")
+        raise UserError(f"{path} holds no ERASER documents yet: run `tx-bench eraser` first.")
     return store, methods
+
+
+def _summaries(store, methods):
+    """({method: summary}, partial note or ""): an unfinished method is summarised from its stored
+    rows (read only, nothing written), and the note says how far each such method got."""
+    sums, unfinished = {}, []
+    total = store.config.get("documents")
+    for m in methods:
+        summary = store.summary(m)
+        if summary.get("k"):
+            sums[m] = summary
+            continue
+        sums[m] = summarise({name: store.read(m, name) for name in store.names(m)})
+        unfinished.append(f"{m} {store.done(m)} of {total if total is not None else '?'} documents")
+    note = ("partial: " + ", ".join(unfinished) + " done so far (unfinished run)") if unfinished else ""
+    return sums, note
 
 
 #: the summary numbers besides token F1, by the names the official scorer gives them (ours: *_corrected)
@@ -477,7 +500,7 @@ def report_text(path, fmt: str = "markdown") -> str:
 
     store, methods = _load(path)
     names = [DISPLAY.get(m, m) for m in methods]  # the display names every report uses
-    sums = {m: store.summary(m) for m in methods}
+    sums, partial = _summaries(store, methods)
     ks = sums[methods[0]]["k"]
     if fmt == "json":
         import json
@@ -485,7 +508,7 @@ def report_text(path, fmt: str = "markdown") -> str:
         from ..results.tables import notes_under_table
 
         n = sums[methods[0]].get("documents")
-        table = {"benchmark": "eraser", "files": [str(path)], "complete": bool(store.is_complete), "partial": None,
+        table = {"benchmark": "eraser", "files": [str(path)], "complete": bool(store.is_complete), "partial": partial or None,
                  "header": header_line(store.config, n, "documents"),
                  "caption": "ERASER token F1 (instance macro) of the top-k words, and the other metrics.",
                  "methods": methods, "display_names": dict(zip(methods, names)),
@@ -505,8 +528,10 @@ def report_text(path, fmt: str = "markdown") -> str:
     rows = [[str(k)] + [_number(sums[m]["token_f1_macro"][j], 4) for m in methods] for j, k in enumerate(ks)]
     other = [[key] + [value(m, key) for m in methods] for key in REPORT_METRICS]
     if fmt == "csv":
+        if partial:
+            names = [f"{n} [partial]" if not sums_done(store, m) else n for n, m in zip(names, methods)]
         lines = [["metric", "k"] + names] + [["token_f1_macro"] + r for r in rows] + [[r[0], ""] + r[1:] for r in other]
-        return "\n".join(",".join(r) for r in lines) + "\n"
+        return "\n".join(",".join(r) for r in lines) + "\n" + (f"# {partial}\n" if partial else "")
     header = ["token_f1_macro at k"] + names
     if fmt == "markdown":
         def table(head, body):
@@ -514,7 +539,8 @@ def report_text(path, fmt: str = "markdown") -> str:
             return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
         n = sums[methods[0]].get("documents", 0)
-        return (f"ERASER token F1 (instance macro) of the top-k words, {n} documents\n\n" + table(header, rows)
+        flag = f"PARTIAL ({partial}). " if partial else ""
+        return (f"{flag}ERASER token F1 (instance macro) of the top-k words, {n} documents\n\n" + table(header, rows)
                 + "\n\n" + table(["metric"] + names, other) + "\n")
 
     def esc(s):
@@ -523,9 +549,14 @@ def report_text(path, fmt: str = "markdown") -> str:
     from ..results.tables import format_table
 
     n = sums[methods[0]].get("documents", 0)
+    flag = f"PARTIAL ({esc(partial)}). " if partial else ""
     return ("% " + header_line(store.config, n, "documents") + "\n% needs \\usepackage{booktabs}\n\n"
-            + format_table(header, rows, "latex", f"ERASER token F1 (instance macro) of the top-k words, {n} documents.")
+            + format_table(header, rows, "latex", f"{flag}ERASER token F1 (instance macro) of the top-k words, {n} documents.")
             + "\n\n" + format_table(["metric"] + names, other, "latex", "ERASER: the other metrics.") + "\n")
+
+
+def sums_done(store, method) -> bool:
+    return bool(store.summary(method).get("k"))
 
 
 def plot(path, out_png) -> None:
@@ -536,13 +567,14 @@ def plot(path, out_png) -> None:
     import matplotlib.pyplot as plt
 
     store, methods = _load(path)
+    sums, partial = _summaries(store, methods)
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
-        s = store.summary(m)
+        s = sums[m]
         ax.plot(s["k"], s["token_f1_macro"], marker="o", label=m)
     ax.set_xlabel("k (top-k words)")
     ax.set_ylabel("token F1 (instance macro)")
-    ax.set_title("ERASER Movie Reviews: token F1")
+    ax.set_title("ERASER Movie Reviews: token F1" + (f"\n{partial}" if partial else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
