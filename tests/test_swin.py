@@ -66,7 +66,7 @@ def test_structure_and_logits(model, batch):
 def test_runs_finite_and_shaped(model, batch, method):
     for x in (batch[:2], torch.zeros(1, 3, 56, 56, dtype=torch.float64)):
         e = transexplain.explain(model, x, method)
-        expected = (56, 56) if method == "full_lrp" else (14, 14)
+        expected = (56, 56) if transexplain.explainers.get_method(method).pixel_level else (14, 14)
         assert tuple(e.token_map.shape[1:]) == expected
         assert torch.isfinite(e.token_map).all() and torch.isfinite(e.heatmap).all()
         assert e.heatmap.min() >= 0 and e.heatmap.max() <= 1
