@@ -7,6 +7,7 @@ import pytest
 
 import transexplain
 from transexplain.evaluation.stability import capability_in_use, compute_maps, kernel_maps
+from transexplain.precision import DEFAULT_PRECISION
 
 #: the goal of the "same numbers on every machine" issue, on [0, 1] heatmaps
 TOLERANCE = 1e-3
@@ -17,14 +18,14 @@ N_IMAGES = {"embedded": 20, "embedded-swin": 6}
 def native(request):
     spec = request.param
     methods = list(transexplain.list_methods())
-    return spec, methods, compute_maps(spec, N_IMAGES[spec], methods, "float64")
+    return spec, methods, compute_maps(spec, N_IMAGES[spec], methods, DEFAULT_PRECISION)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_every_method_agrees_across_cpu_kernels(native, capability):
     spec, methods, here = native
-    other = kernel_maps(spec, N_IMAGES[spec], methods, "float64", capability)
+    other = kernel_maps(spec, N_IMAGES[spec], methods, DEFAULT_PRECISION, capability)
     used = str(other.pop("_capability"))
     assert used == capability or capability != "default", f"the child ran with {used}"
     diffs = {m: float(np.abs(other[m] - here[m]).max()) for m in methods}
@@ -43,7 +44,7 @@ def test_batch_size_does_not_change_the_maps():
     """Issue: full_lrp's perturbation AUC was 67.2 at batch 1 and 67.0 at batch 50 (float32 kernels
     block a GEMM differently by its size). In the default precision every map is the same."""
     methods = list(transexplain.list_methods())
-    one = compute_maps("embedded", 8, methods, "float64", batch_size=1)
-    eight = compute_maps("embedded", 8, methods, "float64", batch_size=8)
+    one = compute_maps("embedded", 8, methods, DEFAULT_PRECISION, batch_size=1)
+    eight = compute_maps("embedded", 8, methods, DEFAULT_PRECISION, batch_size=8)
     diffs = {m: float(np.abs(one[m] - eight[m]).max()) for m in methods}
     assert max(diffs.values()) <= TOLERANCE, diffs

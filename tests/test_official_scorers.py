@@ -475,7 +475,7 @@ def test_text_full_lrp_equals_a_numpy_lrp_to_the_embedding_output():
         adapter = TextAdapter(model)
         ids, mask = _batch()
         targets = torch.tensor([0, 2])
-        e = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method="full_lrp", target=targets)
+        e = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method="full_lrp", target=targets, precision="float64")
         assert e.token_map.shape == (2, 6) and e.token_map.dtype == torch.float64
         assert e.heatmap.shape == (2, 6)
         ref = NumpyBert(model)

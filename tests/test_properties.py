@@ -37,13 +37,13 @@ def test_deterministic(model, batch, method):
     assert torch.equal(a.token_map, b.token_map)
 
 
-@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("precision", ["mixed", "float64", "float32"])
 @pytest.mark.parametrize("method", METHODS)
 def test_finite_and_normalised_even_on_black_image(method, precision):
     model = make_vit(depth=2, dtype=torch.float32, seed=1)
     black = torch.full((2, 3, 16, 16), -1.0)  # 0 in [0, 1] space after 0.5/0.5 normalisation
     res = transexplain.explain(model, torch.cat([black, torch.randn(1, 3, 16, 16)]), method, precision=precision)
-    assert res.heatmap.dtype == getattr(torch, precision)
+    assert res.heatmap.dtype == (torch.float64 if precision == "mixed" else getattr(torch, precision))
     assert torch.isfinite(res.token_map).all() and torch.isfinite(res.heatmap).all()
     assert res.heatmap.min() >= 0 and res.heatmap.max() <= 1
     assert res.heatmap.shape == (3, 16, 16)

@@ -27,6 +27,11 @@ def setup(request):
     return model, x, ref, img, target
 
 
+
+def explain64(*args, **kwargs):
+    """The equality with the reference is checked in precision float64 (every rule in float64)."""
+    return transexplain.explain(*args, precision="float64", **kwargs)
+
 def close(ours, expected, rtol=1e-6):
     ours = ours.reshape(-1).numpy()
     expected = np.asarray(expected).reshape(-1)
@@ -46,14 +51,14 @@ def test_raw_attention_and_rollout(setup):
     model, x, ref, img, _ = setup
     _, acts = ref.forward(img, keep=True)
     att = [blk["att"].mean(0) for blk in acts["blocks"]]
-    close(transexplain.explain(model, x, "raw_attention").token_map, att[-1][0, 1:])
+    close(explain64(model, x, "raw_attention").token_map, att[-1][0, 1:])
     eye = np.eye(att[0].shape[0])
     for start in range(len(att)):
         joint = eye
         for b in range(start, len(att)):
             m = att[b] + eye
             joint = (m / m.sum(-1, keepdims=True)) @ joint
-        close(transexplain.explain(model, x, "rollout", start_layer=start).token_map, joint[0, 1:])
+        close(explain64(model, x, "rollout", start_layer=start).token_map, joint[0, 1:])
 
 
 def test_gradcam_matches_finite_differences(setup):
@@ -63,7 +68,7 @@ def test_gradcam_matches_finite_differences(setup):
     grad = ref.attention_grad(img, target, ref.depth - 1)
     alpha = grad[:, 0, 1:].mean(-1)
     expected = np.clip((alpha[:, None] * att[:, 0, 1:]).mean(0), 0, None)
-    close(transexplain.explain(model, x, "gradcam").token_map, expected, 1e-5)
+    close(explain64(model, x, "gradcam").token_map, expected, 1e-5)
 
 
 def test_generic_attention(setup):
@@ -75,7 +80,7 @@ def test_generic_attention(setup):
         g = ref.attention_grad(img, target, b)
         a_bar = np.clip(g * acts["blocks"][b]["att"], 0, None).mean(0)
         rel = rel + a_bar @ rel
-    close(transexplain.explain(model, x, "generic_attention").token_map, rel[0, 1:], 1e-5)
+    close(explain64(model, x, "generic_attention").token_map, rel[0, 1:], 1e-5)
 
 
 @pytest.mark.parametrize("start", [0, 1])
@@ -89,7 +94,7 @@ def test_transformer_attribution(setup, start):
     for b in range(start, ref.depth):
         g = ref.attention_grad(img, target, b)
         joint = (np.clip(g * att_rel[b], 0, None).mean(0) + np.eye(n)) @ joint
-    close(transexplain.explain(model, x, "transformer_attribution", start_layer=start).token_map, joint[0, 1:], 1e-5)
+    close(explain64(model, x, "transformer_attribution", start_layer=start).token_map, joint[0, 1:], 1e-5)
 
 
 def test_transformer_attribution_other_target(setup):
@@ -102,7 +107,7 @@ def test_transformer_attribution_other_target(setup):
     for b in range(start, ref.depth):
         g = ref.attention_grad(img, other, b)
         joint = (np.clip(g * att_rel[b], 0, None).mean(0) + np.eye(n)) @ joint
-    res = transexplain.explain(model, x, "ours", target=other, start_layer=start)
+    res = explain64(model, x, "ours", target=other, start_layer=start)
     assert int(res.target) == other
     close(res.token_map, joint[0, 1:], 1e-5)
 
@@ -111,12 +116,12 @@ def test_partial_lrp(setup):
     model, x, ref, img, target = setup
     att_rel, _ = ref.relevance(img, target, "classic")
     expected = np.clip(att_rel[ref.depth - 1], 0, None).mean(0)[0, 1:]
-    close(transexplain.explain(model, x, "partial_lrp").token_map, expected)
+    close(explain64(model, x, "partial_lrp").token_map, expected)
 
 
 def test_full_lrp(setup):
     model, x, ref, img, target = setup
     _, pixels = ref.relevance(img, target, "classic", to_pixels=True)
-    res = transexplain.explain(model, x, "full_lrp")
+    res = explain64(model, x, "full_lrp")
     assert res.token_map.shape == (1, *img.shape[1:])
     close(res.token_map, pixels)

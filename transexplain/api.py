@@ -6,7 +6,7 @@ import torch
 from .errors import UserError
 from .explainers import Explanation, get_method, normalise_per_sample, upsample
 from .explainers.base import select_target
-from .precision import adapter_at
+from .precision import DEFAULT_PRECISION, adapter_at, check_precision, computing
 
 
 def check_images(adapter, images) -> torch.Tensor:
@@ -31,13 +31,14 @@ def check_images(adapter, images) -> torch.Tensor:
     return images.to(device=adapter.device, dtype=adapter.dtype)
 
 
-def explain(model, images, method: str = "transformer_attribution", target=None, precision: str = "float64",
+def explain(model, images, method: str = "transformer_attribution", target=None, precision: str = DEFAULT_PRECISION,
             **options) -> Explanation:
     """Explain `model`'s decision on a batch of images (or a text batch, for text adapters).
 
     target: None explains the predicted class; an int or one int per sample explains that class.
-    precision: "float64" (default: the same map on every machine) or "float32" (faster; the LRP-based
-    maps then move with the CPU's kernels, see docs/numerics.md). The model is not modified: a cast
+    precision: "mixed" (default: float64 except the well-conditioned linear-rule products; the same
+    map on every machine), "float64" (all float64) or "float32" (faster; the LRP-based maps then
+    move with the CPU's kernels). See docs/numerics.md. The model is not modified: a cast
     copy is used (and cached) when its dtype differs; the maps come out in this precision.
     options: the method's keyword options (e.g. start_layer, rule_set); see `list_methods()`.
     """
@@ -47,7 +48,8 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
     if reason:
         raise UserError(f"Method {explainer.name!r} is not defined on {adapter.family}: {reason}.")
     x = adapter.prepare(images) if hasattr(adapter, "prepare") else check_images(adapter, images)
-    scores, logits, chosen = explainer.scores(adapter, x, target)
+    with computing(precision):
+        scores, logits, chosen = explainer.scores(adapter, x, target)
     # attention-only methods hand back the target as given (None, an int, a list): settle it here
     chosen = select_target(logits, chosen if torch.is_tensor(chosen) else target)
     scores = torch.nan_to_num(scores.detach(), nan=0.0, posinf=0.0, neginf=0.0)

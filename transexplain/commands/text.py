@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
+from ..precision import HELP as PRECISION_HELP
 
 #: the methods of the paper's ERASER comparison (plus generic attention and the random floor)
 TEXT_METHODS = ("transformer_attribution", "partial_lrp", "full_lrp", "gradcam", "rollout", "raw_attention",
@@ -79,7 +80,7 @@ def register(app: typer.Typer):
         strict: bool = typer.Option(False, "--strict", help="Stop at a malformed jsonl line instead of skipping it."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
-        precision: str = typer.Option("float64", "--precision", help="float64 (the same numbers on every machine) or float32 (faster; LRP maps move with the CPU's kernels)."),
+        precision: str = typer.Option("mixed", "--precision", help=PRECISION_HELP),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     ):
         """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
@@ -128,7 +129,7 @@ def register(app: typer.Typer):
 
 
 def word_relevance(text: str, model_spec: str = "embedded", method: str = "transformer_attribution", target=None,
-                   precision: str = "float64"):
+                   precision: str = "mixed"):
     """(words, word scores normalised to [0, 1], predicted label, explained label, probabilities);
     computed in `precision` (float64 by default, or float32)."""
     import numpy as np
@@ -163,7 +164,7 @@ def word_relevance(text: str, model_spec: str = "embedded", method: str = "trans
 
 
 def explain_text(text: str, model: str = "embedded", method: str = "transformer_attribution", target=None, html=None,
-                 precision: str = "float64"):
+                 precision: str = "mixed"):
     """Print the words coloured by relevance (ANSI background) and the predicted class; --html writes a page.
 
     Colours are used on a terminal or with FORCE_COLOR set (never with NO_COLOR); otherwise each word

@@ -10,6 +10,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..precision import linear_rule_dtype
 from .core import EPS, Node, per_sample_sum, safe_divide, vjp
 
 
@@ -28,16 +29,20 @@ def _rows_with_relevance(r2: torch.Tensor):
 _SPLITS: dict = {}
 
 
-def split_weight(weight: torch.Tensor):
-    """(W⁺, W⁻) of a weight, cached while the weight is unchanged (the split costs a pass over it)."""
+def split_weight(weight: torch.Tensor, dtype: torch.dtype | None = None):
+    """(W⁺, W⁻) of a weight (cast to `dtype` if given), cached while the weight is unchanged (the
+    split costs a pass over it)."""
+    dtype = dtype or weight.dtype
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
-    hit = _SPLITS.get(id(weight))
+    ident = (id(weight), dtype)
+    hit = _SPLITS.get(ident)
     if hit is not None and hit[0]() is weight and hit[1] == key:
         return hit[2], hit[3]
-    wp, wn = weight.detach().clamp(min=0), weight.detach().clamp(max=0)
-    ident = id(weight)
+    w = weight.detach().to(dtype)
+    wp, wn = w.clamp(min=0), w.clamp(max=0)
     _SPLITS[ident] = (weakref.ref(weight, lambda _ref: _SPLITS.pop(ident, None)), key, wp, wn)
     return wp, wn
+
 
 
 class AlphaOneBetaZero:
@@ -62,7 +67,16 @@ class AlphaOneBetaZero:
         return self._dense(x2, weight, r2).reshape(x.shape)
 
     def _dense(self, x, weight, r):
-        wp, wn = split_weight(weight)
+        # precision "mixed": the products in float32. The denominators are sums of same-signed terms
+        # (x⁺w⁺ + x⁻w⁻), so float32 rounding there is not amplified; the ill-conditioned rules
+        # (additions, attention products) stay in float64.
+        low = linear_rule_dtype() if x.dtype == torch.float64 else None
+        if low is not None:
+            return self._dense_in(x.to(low), weight, r.to(low), low).to(x.dtype)
+        return self._dense_in(x, weight, r, None)
+
+    def _dense_in(self, x, weight, r, dtype):
+        wp, wn = split_weight(weight, dtype)
         xp = x.clamp(min=0)
         xn = x - xp
         if self.shared:
