@@ -85,3 +85,13 @@ def test_targets_given_as_int_or_list(model, batch, method):
     assert as_list.target.tolist() == [1, 4]
     as_int = transexplain.explain(model, batch[:2], method, target=2)
     assert as_int.target.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_target_predicted_under_inference_mode_is_accepted(model, batch, method):
+    """The perturbation runner predicted its targets under torch.inference_mode; gradient methods
+    computed with Captum then failed ("Inference tensors cannot be saved for backward")."""
+    with torch.inference_mode():
+        target = model(batch[:2]).argmax(-1)
+    res = transexplain.explain(model, batch[:2], method, target=target)
+    assert torch.equal(res.target, target.clone())

@@ -42,6 +42,8 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
     copy is used (and cached) when its dtype differs; the maps come out in this precision.
     options: the method's keyword options (e.g. start_layer, rule_set); see `list_methods()`.
     """
+    if torch.is_tensor(target) and target.is_inference():
+        target = target.clone()  # a target predicted under torch.inference_mode cannot enter autograd
     adapter = adapter_at(model, precision)
     explainer = get_method(method)(**options)
     reason = adapter.unsupported.get(explainer.name)

@@ -48,7 +48,7 @@ def perturbed_copies(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -
     return copies.reshape(b * s, *x.shape[1:])
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the predictions are targets of explanations that take gradients
 def predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Predicted classes of `x`, run in chunks of `batch_size`."""
     preds = [model(x[i:i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)]
