@@ -24,7 +24,7 @@ TOLERANCE = {"perturbation_auc": 0.05, "segmentation": 0.01, "clean_accuracy": r
 
 
 def compute(perturb_limit: int = PERTURB_LIMIT, seg_limit: int = SEG_LIMIT, batch_size: int = BATCH_SIZE,
-            quiet: bool = True, methods=None, method_options: dict | None = None, precision: str = "mixed") -> dict:
+            quiet: bool = True, methods=None, method_options: dict | None = None, precision: str = "float64") -> dict:
     """Run both benchmarks on the embedded model and data for every method (or `methods`, with
     `method_options`); return the numbers."""
     from transexplain.data.imagenet import ImageFolderDataset, Preprocess

@@ -67,17 +67,17 @@ def test_float32_perturb_computes_in_float32_records_it_and_the_report_says_so(f
     assert any(line.startswith("# Environment: precision float32;") for line in lines)
 
 
-def test_default_precision_is_mixed_everywhere(fixtures, tmp_path, run, monkeypatch):
+def test_default_precision_is_float64_everywhere(fixtures, tmp_path, run, monkeypatch):
     calls = _spy_on_explain(monkeypatch)
     out = tmp_path / "s.h5"
     r = run("segment", "--method", "rollout,full_lrp", "--data", fixtures["seg"], "--model", fixtures["ckpt"],
             "--out", out, "--quiet")
     assert r.returncode == 0, r.stderr
-    assert calls and all(c == ("mixed", torch.float64) for c in calls)
+    assert calls and all(c == ("float64", torch.float64) for c in calls)
     config, envs = _config(out)
-    assert config["precision"] == "mixed" and envs[0]["precision"] == "mixed"
+    assert config["precision"] == "float64" and envs[0]["precision"] == "float64"
     latex = run("report", out, "--format", "latex")
-    assert "% Environment: precision mixed;" in latex.stdout and "precision mixed" in latex.stdout.splitlines()[0]
+    assert "% Environment: precision float64;" in latex.stdout and "precision float64" in latex.stdout.splitlines()[0]
 
 
 def test_resume_with_another_precision_is_refused_in_one_sentence(fixtures, tmp_path, run):
@@ -86,14 +86,14 @@ def test_resume_with_another_precision_is_refused_in_one_sentence(fixtures, tmp_
             "--out", out, "--quiet"]
     assert run(*base, "--precision", "float32").returncode == 0
     before = out.read_bytes()
-    r = run(*base)  # the default, mixed
+    r = run(*base)  # the default, float64
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ")
-    assert "precision: 'float32' in the file vs 'mixed' now" in lines[0] and "--overwrite" in lines[0]
+    assert "precision: 'float32' in the file vs 'float64' now" in lines[0] and "--overwrite" in lines[0]
     assert out.read_bytes() == before
     assert _config(out)[0]["precision"] == "float32"
-    assert run(*base, "--overwrite").returncode == 0 and _config(out)[0]["precision"] == "mixed"
+    assert run(*base, "--overwrite").returncode == 0 and _config(out)[0]["precision"] == "float64"
 
 
 def test_unknown_precision_is_refused(fixtures, tmp_path, run):

@@ -36,9 +36,9 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
     """Explain `model`'s decision on a batch of images (or a text batch, for text adapters).
 
     target: None explains the predicted class; an int or one int per sample explains that class.
-    precision: "mixed" (default: float64 except the well-conditioned linear-rule products; the same
-    map on every machine), "float64" (all float64) or "float32" (faster; the LRP-based maps then
-    move with the CPU's kernels). See docs/numerics.md. The model is not modified: a cast
+    precision: "float64" (default: the same map on every machine and batch size), "mixed" (float64
+    but for the well-conditioned linear-rule products: faster, maps move by ~1e-7) or "float32"
+    (fastest; the LRP-based maps then move with the CPU's kernels). See docs/numerics.md. The model is not modified: a cast
     copy is used (and cached) when its dtype differs; the maps come out in this precision.
     options: the method's keyword options (e.g. start_layer, rule_set); see `list_methods()`.
     """

@@ -67,7 +67,7 @@ def explain_cmd(
     html: Optional[Path] = typer.Option(None, "--html", help="With --text: also write the coloured words as an HTML page."),
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
-    precision: str = typer.Option("mixed", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class.
 

@@ -122,7 +122,7 @@ def _explain_in_chunks(explain, model, batch, method, target, precision, chunk: 
 
 
 def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False,
-                   precision: str = "mixed"):
+                   precision: str = "float64"):
     """The work behind `tx-bench explain IMAGE...`; the maps are computed in `precision`."""
     import matplotlib
 

@@ -80,7 +80,7 @@ def register(app: typer.Typer):
         strict: bool = typer.Option(False, "--strict", help="Stop at a malformed jsonl line instead of skipping it."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
-        precision: str = typer.Option("mixed", "--precision", help=PRECISION_HELP),
+        precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     ):
         """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
@@ -129,7 +129,7 @@ def register(app: typer.Typer):
 
 
 def word_relevance(text: str, model_spec: str = "embedded", method: str = "transformer_attribution", target=None,
-                   precision: str = "mixed"):
+                   precision: str = "float64"):
     """(words, word scores normalised to [0, 1], predicted label, explained label, probabilities);
     computed in `precision` (float64 by default, or float32)."""
     import numpy as np
@@ -164,7 +164,7 @@ def word_relevance(text: str, model_spec: str = "embedded", method: str = "trans
 
 
 def explain_text(text: str, model: str = "embedded", method: str = "transformer_attribution", target=None, html=None,
-                 precision: str = "mixed"):
+                 precision: str = "float64"):
     """Print the words coloured by relevance (ANSI background) and the predicted class; --html writes a page.
 
     Colours are used on a terminal or with FORCE_COLOR set (never with NO_COLOR); otherwise each word

@@ -61,7 +61,7 @@ def checkpoint_identity(loaded) -> tuple:
     return arch, (cfg.get("tag") or None) if loaded.weights_hash == "pretrained" else None
 
 
-def common_config(loaded, methods, data, data_source, limit, crop, precision: str = "mixed",
+def common_config(loaded, methods, data, data_source, limit, crop, precision: str = "float64",
                   batch_size: int | None = None) -> dict:
     import transexplain
 
@@ -151,7 +151,7 @@ def perturb(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images (class-balanced for class folders)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images explained per batch (x9 perturbed copies each)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("mixed", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
@@ -211,7 +211,7 @@ def segment(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("mixed", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),

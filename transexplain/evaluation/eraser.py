@@ -256,7 +256,7 @@ FLOAT_ROWS = ("f1", "auprc", "average_precision", "iou_p", "iou_r", "comp", "suf
 
 
 def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, rationale_k: int,
-                   faithfulness: bool = True, precision: str = "mixed") -> dict:
+                   faithfulness: bool = True, precision: str = "float64") -> dict:
     """Explain a batch of examples for their true class and return per-document metric rows.
 
     precision: the explanation and the comprehensiveness / sufficiency forwards run in it
@@ -394,11 +394,11 @@ def summarise(rows: dict) -> dict:
 
 def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_size: int = 8, overwrite: bool = False,
                quiet: bool = False, max_length: int | None = None, faithfulness: bool = True,
-               precision: str = "mixed", device: str = "cpu") -> dict:
+               precision: str = "float64", device: str = "cpu") -> dict:
     """Run every method over `examples`, appending rows to the HDF5 file `out` (resumable).
 
     Returns {method: summary}. The file's root attribute `benchmark` is "eraser"; each method is a
-    group holding one row per document and its summary. precision: "mixed" (default), "float64" or
+    group holding one row per document and its summary. precision: "float64" (default), "mixed" or
     "float32", for the explanations and the comprehensiveness / sufficiency forwards (the model is
     not modified; `config` is stored as given).
     """

@@ -103,7 +103,7 @@ def maybe_kill(batches_done: int):
 
 def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pred",), limit=None,
                      batch_size: int = 32, forward_batch: int = 256, device: str = "cpu",
-                     save_maps: bool = False, quiet: bool = False, precision: str = "mixed",
+                     save_maps: bool = False, quiet: bool = False, precision: str = "float64",
                      method_options: dict | None = None) -> dict:
     """Run the perturbation test for every method, test and target; resume from `store`'s commit.
 
@@ -112,7 +112,7 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
     Groups written: `clean` (index, name, label, pred, hit), `<method>/<target>` (target; map
     when save_maps), `<method>/<target>/<test>` (hits: (N, 10) bool, step 0 = clean image),
     `skipped` (index, name).
-    precision: "mixed" (default), "float64" or "float32": every forward (clean and perturbed) and every
+    precision: "float64" (default), "mixed" or "float32": every forward (clean and perturbed) and every
     explanation runs in it, on a cast copy of the model (`transexplain.precision.at_precision`).
     """
     from .. import explain

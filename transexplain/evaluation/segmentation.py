@@ -57,13 +57,13 @@ def segmentation_rows(maps: np.ndarray, masks: np.ndarray) -> dict:
 
 def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None, batch_size: int = 32,
                      forward_batch: int = 256, device: str = "cpu", save_maps: bool = False,
-                     quiet: bool = False, precision: str = "mixed",
+                     quiet: bool = False, precision: str = "float64",
                      method_options: dict | None = None) -> dict:
     """Explain the predicted class of every image with every method and score the maps.
 
     Groups: `images` (index, pred), `<method>` (correct, labeled, inter, union, ap [, map]),
     `skipped` (index, name). Returns {method: {"pixel_accuracy", "miou", "map", "n"}} (percent).
-    precision: "mixed" (default), "float64" or "float32", for the forwards and the explanations alike.
+    precision: "float64" (default), "mixed" or "float32", for the forwards and the explanations alike.
     """
     from .. import explain
     from ..precision import PRECISIONS, adapter_at, at_precision, check_precision
