@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from test_vision_cli import make_checkpoint, make_gtsegs, make_image_folder, tx, tx_inprocess
+from test_vision_cli import make_checkpoint, make_gtsegs, make_image_folder, run, tx, tx_inprocess  # noqa: F401 (run: fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_MODEL_READY = (ROOT / "transexplain" / "assets" / "embedded_text" / "head.safetensors").exists()
-
-
-@pytest.fixture
-def run(capsys, monkeypatch):
-    monkeypatch.delenv("TX_BENCH_DEBUG", raising=False)
-    return lambda *args: tx_inprocess(*args, capsys=capsys)
 
 
 @pytest.fixture(scope="module")
