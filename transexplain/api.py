@@ -6,7 +6,7 @@ import torch
 from .errors import UserError
 from .explainers import Explanation, get_method, normalise_per_sample, upsample
 from .explainers.base import select_target
-from .precision import DEFAULT_PRECISION, adapter_at, check_precision, computing
+from .precision import DEFAULT_PRECISION, adapter_at, computing
 
 
 def check_images(adapter, images) -> torch.Tensor:
@@ -38,8 +38,9 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
     target: None explains the predicted class; an int or one int per sample explains that class.
     precision: "float64" (default: the same map on every machine and batch size), "mixed" (float64
     but for the well-conditioned linear-rule products: faster, maps move by ~1e-7) or "float32"
-    (fastest; the LRP-based maps then move with the CPU's kernels). See docs/numerics.md. The model is not modified: a cast
-    copy is used (and cached) when its dtype differs; the maps come out in this precision.
+    (fastest; the LRP-based maps then move with the CPU's kernels). See docs/numerics.md. The model
+    is not modified: a cast copy is used (and cached) when its dtype differs; the maps come out in
+    this precision.
     options: the method's keyword options (e.g. start_layer, rule_set); see `list_methods()`.
     """
     if torch.is_tensor(target) and target.is_inference():

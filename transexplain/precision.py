@@ -18,15 +18,14 @@ model itself when it already has it), rebuilt when any parameter of the original
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import weakref
 
 import torch
 
 from .errors import UserError
-
-import contextlib
-import contextvars
 
 #: precision name -> the dtype the model computes in
 PRECISIONS = {"mixed": torch.float64, "float64": torch.float64, "float32": torch.float32}

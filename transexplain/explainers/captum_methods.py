@@ -115,6 +115,15 @@ class _CaptumExplainer(Explainer):
             with torch.no_grad():
                 adapter.run(x)
 
+    def _explain(self, adapter, x, target, attribute, signed: bool):
+        """The shared frame of every method: wrap the input, run `attribute(wrapped, target)` (the
+        Captum call), restore the adapter, and reduce the attribution to one score per pixel or token
+        (signed: summed; else |.| already taken, see `_CaptumInput.reduce_magnitude`)."""
+        wrapped, target, logits = self._start(adapter, x, target)
+        attr = attribute(wrapped, target).detach()
+        self._finish(adapter, x, wrapped)
+        return (wrapped.reduce_signed(attr) if signed else wrapped.reduce_magnitude(attr)), logits, target
+
 
 @register
 class Saliency(_CaptumExplainer):
@@ -125,11 +134,8 @@ class Saliency(_CaptumExplainer):
     def scores(self, adapter, x, target):
         from captum.attr import Saliency as CaptumSaliency
 
-        wrapped, target, logits = self._start(adapter, x, target)
-        grad = CaptumSaliency(wrapped.forward).attribute(
-            wrapped.inputs, target=target, abs=True, additional_forward_args=wrapped.args)
-        self._finish(adapter, x, wrapped)
-        return wrapped.reduce_magnitude(grad.detach()), logits, target
+        return self._explain(adapter, x, target, lambda wrapped, t: CaptumSaliency(wrapped.forward).attribute(
+            wrapped.inputs, target=t, abs=True, additional_forward_args=wrapped.args), signed=False)
 
 
 @register
@@ -141,11 +147,8 @@ class InputXGradient(_CaptumExplainer):
     def scores(self, adapter, x, target):
         from captum.attr import InputXGradient as CaptumInputXGradient
 
-        wrapped, target, logits = self._start(adapter, x, target)
-        attr = CaptumInputXGradient(wrapped.forward).attribute(
-            wrapped.inputs, target=target, additional_forward_args=wrapped.args)
-        self._finish(adapter, x, wrapped)
-        return wrapped.reduce_signed(attr.detach()), logits, target
+        return self._explain(adapter, x, target, lambda wrapped, t: CaptumInputXGradient(wrapped.forward).attribute(
+            wrapped.inputs, target=t, additional_forward_args=wrapped.args), signed=True)
 
 
 def _baseline(adapter, wrapped, choice):
@@ -176,13 +179,14 @@ class IntegratedGradients(_CaptumExplainer):
         from captum.attr import IntegratedGradients as CaptumIG
 
         steps = _positive_int(self.options, "steps")
-        wrapped, target, logits = self._start(adapter, x, target)
-        base = _baseline(adapter, wrapped, self.options["baseline"])
-        attr = CaptumIG(wrapped.forward).attribute(
-            wrapped.inputs, baselines=base, target=target, additional_forward_args=wrapped.args,
-            n_steps=steps, method=QUADRATURE, internal_batch_size=_chunk(self.options, len(wrapped.inputs)))
-        self._finish(adapter, x, wrapped)
-        return wrapped.reduce_signed(attr.detach()), logits, target
+
+        def attribute(wrapped, t):
+            return CaptumIG(wrapped.forward).attribute(
+                wrapped.inputs, baselines=_baseline(adapter, wrapped, self.options["baseline"]), target=t,
+                additional_forward_args=wrapped.args, n_steps=steps, method=QUADRATURE,
+                internal_batch_size=_chunk(self.options, len(wrapped.inputs)))
+
+        return self._explain(adapter, x, target, attribute, signed=True)
 
 
 def _sample_seed(sample: torch.Tensor, seed: int) -> int:
@@ -226,9 +230,12 @@ class SmoothGrad(_CaptumExplainer):
         return torch.stack(draws).to(dtype=inputs.dtype, device=inputs.device)
 
     def scores(self, adapter, x, target):
+        return self._explain(adapter, x, target, lambda wrapped, t: self._mean_saliency(x, wrapped, t), signed=False)
+
+    def _mean_saliency(self, x, wrapped, target):
+        """Mean |gradient| over the seeded noisy copies of each sample, in chunks of rows."""
         from captum.attr import Saliency as CaptumSaliency
 
-        wrapped, target, logits = self._start(adapter, x, target)
         eps = self.noise(x, wrapped)
         n_batch, n = eps.shape[:2]
         rows = (wrapped.inputs.detach().unsqueeze(1) + eps).reshape(n_batch * n, *wrapped.inputs.shape[1:])
@@ -242,6 +249,4 @@ class SmoothGrad(_CaptumExplainer):
             parts.append(saliency.attribute(
                 rows[part].requires_grad_(True), target=row_target[part], abs=True,
                 additional_forward_args=None if row_args is None else tuple(a[part] for a in row_args)).detach())
-        grads = torch.cat(parts).reshape(n_batch, n, *wrapped.inputs.shape[1:]).mean(1)
-        self._finish(adapter, x, wrapped)
-        return wrapped.reduce_magnitude(grads), logits, target
+        return torch.cat(parts).reshape(n_batch, n, *wrapped.inputs.shape[1:]).mean(1)

@@ -44,7 +44,6 @@ def split_weight(weight: torch.Tensor, dtype: torch.dtype | None = None):
     return wp, wn
 
 
-
 class AlphaOneBetaZero:
     """α=1, β=0 for Linear: positive contributions x⁺w⁺ and x⁻w⁻ only.
 
