@@ -5,7 +5,7 @@ import torch
 
 from .errors import UserError
 from .explainers import Explanation, get_method, normalise_per_sample, upsample
-from .explainers.base import select_target
+from .explainers.base import refusal, select_target
 from .precision import DEFAULT_PRECISION, adapter_at, computing
 
 
@@ -47,9 +47,9 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
         target = target.clone()  # a target predicted under torch.inference_mode cannot enter autograd
     adapter = adapter_at(model, precision)
     explainer = get_method(method)(**options)
-    reason = adapter.unsupported.get(explainer.name)
+    reason = refusal(explainer.name, adapter)
     if reason:
-        raise UserError(f"Method {explainer.name!r} is not defined on {adapter.family}: {reason}.")
+        raise UserError(reason)
     x = adapter.prepare(images) if hasattr(adapter, "prepare") else check_images(adapter, images)
     with computing(precision):
         scores, logits, chosen = explainer.scores(adapter, x, target)

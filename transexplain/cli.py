@@ -48,11 +48,22 @@ def _global(
 def methods_cmd():
     """List every explanation method: its name, the other names it answers to, and what it does."""
     from .explainers import get_method, list_methods
+    from .explainers.base import support_matrix
 
     for name, text in list_methods().items():
         aliases = get_method(name).aliases
         also = f" (also: {', '.join(aliases)})" if aliases else ""
         typer.echo(f"{name:24s} {text}{also}")
+    matrix = support_matrix()
+    families = list(next(iter(matrix.values())))
+    typer.echo("")
+    typer.echo("Where each method runs (from what it needs and what each architecture's adapter offers):")
+    typer.echo(f"{'method':24s} " + " ".join(f"{f:6s}" for f in families))
+    for name, row in matrix.items():
+        typer.echo(f"{name:24s} " + " ".join(f"{'yes' if row[f] is None else 'no':6s}" for f in families))
+    for name, row in matrix.items():
+        for reason in filter(None, row.values()):
+            typer.echo(f"  {reason}")
 
 
 @app.command("explain")

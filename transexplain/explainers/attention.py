@@ -16,6 +16,7 @@ def _check_start(start_layer: int, num_blocks: int):
 @register
 class RawAttention(Explainer):
     name = "raw_attention"
+    needs = frozenset({"attention"})
     description = "Head-averaged attention of the last block, read off the classifier's row."
 
     def scores(self, adapter, x, target):
@@ -29,6 +30,7 @@ class RawAttention(Explainer):
 @register
 class Rollout(Explainer):
     name = "rollout"
+    needs = frozenset({"attention"})
     description = "Attention rollout (Abnar & Zuidema 2020): product of row-normalised (mean-head A + I)."
 
     @classmethod

@@ -33,6 +33,28 @@ def get_method(name: str) -> type:
     return _REGISTRY[key]
 
 
+def refusal(method: str, adapter) -> str | None:
+    """Why `method` cannot run on `adapter`'s architecture (one sentence), or None when it can.
+
+    Decided only by comparing what the method needs with what the adapter offers."""
+    from ..models.base import CAPABILITIES, missing_capabilities
+
+    cls = get_method(method)
+    missing = missing_capabilities(cls.needs, adapter.offers)
+    if not missing:
+        return None
+    what = "; ".join(CAPABILITIES[m] for m in missing)
+    return f"Method {cls.name!r} is not defined on {adapter.family} models: it needs {what}, which the {adapter.family} adapter does not offer."
+
+
+def support_matrix() -> dict:
+    """{method: {family: None (supported) or the refusal sentence}} for every registered method and
+    every adapter family, computed from `needs` and `offers` alone."""
+    from ..models.registry import adapter_classes
+
+    return {name: {family: refusal(name, cls) for family, cls in adapter_classes().items()} for name in _REGISTRY}
+
+
 def list_methods() -> dict[str, str]:
     """Every method's name with its one-line description."""
     return {name: cls.description for name, cls in _REGISTRY.items()}
@@ -84,6 +106,8 @@ class Explainer:
     description: str = ""
     class_specific: bool = False
     pixel_level: bool = False
+    #: the adapter capabilities this method cannot work without (keys of models.base.CAPABILITIES)
+    needs: frozenset = frozenset()
 
     def __init__(self, **options):
         unknown = set(options) - set(self.defaults())

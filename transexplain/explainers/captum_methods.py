@@ -100,6 +100,7 @@ class _CaptumExplainer(Explainer):
     class_specific = True
     #: images: a (B, H, W) pixel map; text: one score per token (set per call, before api.explain reads it)
     pixel_level = True
+    needs = frozenset({"input_gradient"})
 
     def _start(self, adapter, x, target):
         wrapped = _CaptumInput(adapter, x)

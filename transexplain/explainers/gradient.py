@@ -9,6 +9,7 @@ from .base import Explainer, register, select_target, target_gradients
 @register
 class GradCAM(Explainer):
     name = "gradcam"
+    needs = frozenset({"attention"})
     description = "GradCAM on the last attention layer: heads weighted by their mean gradient, then ReLU."
     class_specific = True
 
@@ -35,6 +36,7 @@ class GradCAM(Explainer):
 @register
 class GenericAttention(Explainer):
     name = "generic_attention"
+    needs = frozenset({"attention"})
     description = "Generic attention explainability (Chefer et al. ICCV 2021): R += mean-head (∇A⊙A)⁺ R."
     class_specific = True
 

@@ -74,6 +74,7 @@ def _readable_layers(adapter) -> list:
 @register
 class LeGrad(Explainer):
     name = "legrad"
+    needs = frozenset({"attention", "layer_readout"})
     description = "LeGrad (Bousselham et al. 2024): mean over layers of E_h,i[ReLU(∂s^l/∂A^l)], s^l the head read on layer l."
     class_specific = True
 

@@ -57,6 +57,7 @@ def _layout(adapter, w: torch.Tensor, block: int) -> torch.Tensor:
 @register
 class LNStats(Explainer):
     name = "ln_stats"
+    needs = frozenset({"attention", "relevance", "ln_stats"})
     description = "Transformer Attribution with each block's matrix weighted by LayerNorm token statistics (μ, σ)."
     class_specific = True
 

@@ -38,6 +38,7 @@ def relevance_pass(adapter, x, target, rules, first_block: int | None, to_input:
 @register
 class TransformerAttribution(Explainer):
     name = "transformer_attribution"
+    needs = frozenset({"attention", "relevance"})
     aliases = ("ours",)
     description = "Transformer Attribution (Chefer et al. CVPR 2021): rollout of mean-head (∇A ⊙ R)⁺ + I."
     class_specific = True
@@ -73,6 +74,7 @@ class TransformerAttribution(Explainer):
 @register
 class PartialLRP(Explainer):
     name = "partial_lrp"
+    needs = frozenset({"attention", "relevance"})
     description = "Partial LRP (Voita et al. 2019): mean-head positive relevance of the last attention map."
     class_specific = True
 
@@ -91,6 +93,7 @@ class PartialLRP(Explainer):
 @register
 class FullLRP(Explainer):
     name = "full_lrp"
+    needs = frozenset({"relevance"})
     description = ("LRP (Binder et al. 2016) with the classic rules: to the pixels (z^B at the patch embedding), "
                    "or for text to the embedding output, summed over hidden units.")
     class_specific = True

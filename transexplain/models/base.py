@@ -24,12 +24,30 @@ class Trace:
     extras: dict = field(default_factory=dict)
 
 
+#: What an adapter can offer an explainer, with the words a refusal uses for it. An explainer
+#: declares the capabilities it needs (`Explainer.needs`); the method x architecture matrix and
+#: every refusal come from comparing the two sets (`missing_capabilities`).
+CAPABILITIES = {
+    "attention": "each block's attention probabilities, differentiable",
+    "relevance": "a recorded forward that relevance rules can walk back",
+    "input_gradient": "gradients with respect to the model's input (pixels or token embeddings)",
+    "layer_readout": "a classifier that can read every layer's tokens",
+    "ln_stats": "each block's LayerNorm input statistics",
+    "class_token": "a class token whose row the classifier reads",
+}
+
+
+def missing_capabilities(needs, offers) -> list:
+    """The capabilities in `needs` that `offers` lacks, in a stable order."""
+    return sorted(set(needs) - set(offers))
+
+
 class EncoderAdapter:
     """Base class; subclasses implement `run`, `readout`, `mix`, `to_token_map`."""
 
     family = "encoder"
-    #: methods that cannot be defined on this architecture, with the reason
-    unsupported: dict = {}
+    #: capabilities (keys of CAPABILITIES) this architecture offers the explainers
+    offers: frozenset = frozenset(CAPABILITIES)
     #: GradCAM head weights from the mean of ∇A over the full matrix (text) or the readout row (vision)
     gradcam_full_matrix = False
 

@@ -8,6 +8,14 @@ from .base import EncoderAdapter
 from .vit import SUPPORTED, ViTAdapter
 
 
+def adapter_classes() -> dict:
+    """Every architecture family with its adapter class (for the method x architecture matrix)."""
+    from .swin import SwinAdapter
+    from .text import TextAdapter
+
+    return {cls.family: cls for cls in (ViTAdapter, SwinAdapter, TextAdapter)}
+
+
 def as_adapter(model) -> EncoderAdapter:
     """Return an adapter for `model` (an adapter is returned as is)."""
     if isinstance(model, EncoderAdapter):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lrp import Tape
-from .base import EncoderAdapter, Trace
+from .base import CAPABILITIES, EncoderAdapter, Trace
 from .vit import _conv_stem, _refuse, input_channels, record_patch_embedding
 
 
@@ -62,9 +62,10 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
 
 class SwinAdapter(EncoderAdapter):
     family = "swin"
+    #: no class token: the classifier reads the mean of the last stage's tokens
+    offers = frozenset(CAPABILITIES) - {"class_token"}
     default_start_layer = 0
     default_row_normalize = False
-    unsupported: dict = {}
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -76,7 +76,6 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
     default_row_normalize = True
     gradcam_full_matrix = True
     pixel_input = False
-    unsupported: dict = {}  # full_lrp stops at the embedding output (the tape's input), one score per token
     #: rollout's default start layer: the reference's BERT rollout multiplies every layer (0)
     default_rollout_start_layer = 0
 
