@@ -170,15 +170,16 @@ def write_expected(path: Path = EXPECTED, documents: int = CI_DOCUMENTS):
     """The regression numbers of the embedded default on the first `documents` test reviews."""
     import tempfile
 
-    from transexplain.commands.text import TEXT_METHODS
+    from transexplain.commands.common import resolve_methods
     from transexplain.evaluation.eraser import run_eraser
+    from transexplain.models.text import TextAdapter
 
     t0 = time.time()
     examples = read_eraser(ensure_reviews(0), "test", limit=documents)
     torch.manual_seed(0)
     model, tok = load_text_model("embedded")
     with tempfile.TemporaryDirectory() as tmp:
-        sums = run_eraser(examples, model, tok, list(TEXT_METHODS), Path(tmp) / "r.h5", {"expected": True},
+        sums = run_eraser(examples, model, tok, resolve_methods("all", TextAdapter(model)), Path(tmp) / "r.h5", {"expected": True},
                           batch_size=8, quiet=True, faithfulness=True)
     keep_k = (5, 10, 15, 20, 30, 40, 60, 80)
     methods = {}

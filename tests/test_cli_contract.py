@@ -34,13 +34,15 @@ def tx(*args, cwd=None, env=None):
     [
         (["perturb", "--method", "rollout", "--no-such-option"], "--no-such-option"),  # unknown option
         (["perturb", "--limit", "5"], "--method"),  # missing required option
+        (["segment", "--limit", "5"], "--method"),  # the same for every benchmark
+        (["eraser", "--limit", "5"], "--method"),
         (["perturb", "--method", "rollout", "--limit", "0"], "--limit"),  # value out of range
         (["explain", "--target", "abc"], "--target"),  # value of the wrong type
         (["no-such-command"], "no-such-command"),  # unknown command
         (["data", "no-such-command"], "no-such-command"),  # unknown sub-command
         (["report"], "results"),  # missing argument
     ],
-    ids=["unknown-option", "missing-option", "out-of-range", "bad-type", "unknown-command", "unknown-subcommand",
+    ids=["unknown-option", "missing-option", "missing-option-segment", "missing-option-eraser", "out-of-range", "bad-type", "unknown-command", "unknown-subcommand",
          "missing-argument"],
 )
 def test_usage_errors_exit_2_with_usage_line_and_option_name(tmp_path, args, name):

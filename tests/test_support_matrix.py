@@ -62,3 +62,20 @@ def test_methods_command_prints_a_row_per_method():
     matrix = base.support_matrix()
     for name, cells in rows.items():
         assert cells == ["yes" if matrix[name][f] is None else "no" for f in header[1:]]
+
+
+def test_method_option_all_leaves_out_what_the_architecture_cannot_run(class_token_method):
+    from transexplain.commands.common import resolve_methods
+    from transexplain.models import as_adapter
+
+    import timm
+
+    swin = as_adapter(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
+                                        window_size=2, embed_dim=8, depths=(1, 1), num_heads=(1, 1), num_classes=3).eval())
+    vit = as_adapter(make_vit())
+    assert class_token_method in resolve_methods("all", vit)
+    on_swin = resolve_methods("all", swin)
+    assert class_token_method not in on_swin and set(on_swin) == set(base.method_names()) - {class_token_method}
+    with pytest.raises(UserError, match="class token"):
+        resolve_methods(f"rollout,{class_token_method}", swin)
+    assert resolve_methods(f"rollout,{class_token_method}", vit) == ["rollout", class_token_method]

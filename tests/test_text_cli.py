@@ -64,7 +64,7 @@ def test_explain_text_terminal_and_html(tmp_path):
 
 def test_bad_inputs_exit_2_with_one_sentence(tmp_path):
     cases = [
-        (("eraser", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a.h5")), "does not exist"),
+        (("eraser", "--method", "rollout", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "a.h5")), "does not exist"),
         (("eraser", "--method", "rollout", "--precision", "float16", "--out", str(tmp_path / "b.h5")), "Unknown precision"),
         (("eraser", "--method", "nonsense", "--out", str(tmp_path / "c.h5")), "Unknown method"),
         (("explain", "--text", "   "), "empty"),

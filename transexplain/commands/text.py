@@ -9,25 +9,10 @@ import typer
 
 from ..errors import UserError
 from ..precision import HELP as PRECISION_HELP
+from .common import resolve_methods
 
-#: the methods of the paper's ERASER comparison (plus generic attention and the random floor)
-TEXT_METHODS = ("transformer_attribution", "partial_lrp", "full_lrp", "gradcam", "rollout", "raw_attention",
-                "generic_attention", "random")
 #: background colours of the terminal (xterm-256), from no relevance to the most relevant word
 _ANSI_SHADES = (231, 194, 157, 120, 83, 46)
-
-
-def _methods(spec: str) -> list:
-    from ..explainers import get_method, method_names
-
-    if spec == "all":
-        return [m for m in TEXT_METHODS if m in method_names()]
-    out = []
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
-        out.append(get_method(name).name)
-    if not out:
-        raise UserError("Give a method name (see `tx-bench methods`) or 'all'.")
-    return out
 
 
 def _load_examples(data: Optional[str], split: str, limit: Optional[int], strict: bool, quiet: bool):
@@ -69,7 +54,7 @@ def _say_where_resumed(out: Path, overwrite: bool, methods: list, total: int):
 def register(app: typer.Typer):
     @app.command("eraser")
     def eraser_cmd(
-        method: str = typer.Option("all", "--method", help="A method name, a comma list, or 'all'."),
+        method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
         data: Optional[str] = typer.Option(None, "--data", help="ERASER 'movies' folder (or 'hf' for the cached movie_rationales); default: the embedded reviews."),
         model: str = typer.Option("embedded", "--model", "-m", help="'embedded', or a local Hugging Face model folder."),
         split: str = typer.Option("test", "--split", help="train, val or test."),
@@ -95,7 +80,7 @@ def register(app: typer.Typer):
 
         precision = check_precision(precision)
         device = check_device(device)
-        methods = _methods(method)
+        methods = resolve_methods(method)  # names checked before the data and model are read
         examples, data_desc = _load_examples(data, split, limit, strict, quiet)
         if not examples:
             raise UserError(f"No documents in the {split} split of {data_desc}.")
@@ -106,6 +91,9 @@ def register(app: typer.Typer):
 
         torch.manual_seed(0)
         mdl, tok = load_text_model(model)
+        from ..models.text import TextAdapter
+
+        methods = resolve_methods(method, TextAdapter(mdl))
         config = {"methods": methods, "model": model, "data": data_desc, "split": split, "limit": limit,
                   "documents": len(examples), "faithfulness": not no_faithfulness, "version": "eraser-v1",
                   "precision": precision}

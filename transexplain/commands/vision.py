@@ -9,21 +9,10 @@ import typer
 from ..errors import UserError
 from ..precision import HELP as PRECISION_HELP
 from ..results.paths import check_output_path
+from .common import resolve_methods
 
 PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
-
-
-def resolve_methods(method: str) -> list:
-    """'all' -> every registered method; a name or comma list -> canonical names (checked)."""
-    from ..explainers import get_method, method_names
-
-    if method == "all":
-        return list(method_names())
-    names = [m.strip() for m in method.split(",") if m.strip()]
-    if not names:
-        raise UserError("Give a method with --method (a name from `tx-bench methods`, or 'all').")
-    return list(dict.fromkeys(get_method(m).name for m in names))
 
 
 def check_device(device: str) -> str:
@@ -167,6 +156,7 @@ def perturb(
     from ..data.imagenet import ImageFolderDataset, Preprocess
     from ..evaluation.metrics import PERTURBATION_STEPS
     from ..evaluation.perturbation import run_perturbation
+    from ..models import as_adapter
     from ..models.loading import load_model
 
     if test not in PERTURB_TESTS:
@@ -179,6 +169,7 @@ def perturb(
     device = check_device(device)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights)
+    methods = resolve_methods(method, as_adapter(loaded.model))
     data, source = embedded_default(data, "val", "validation set")
     pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std, crop=crop)
     try:
@@ -222,6 +213,7 @@ def segment(
     """ImageNet-Segmentation: pixel accuracy, mIoU and mAP of mean-thresholded maps against object masks."""
     from ..data.imagenet import Preprocess
     from ..evaluation.segmentation import SegmentationData, run_segmentation
+    from ..models import as_adapter
     from ..models.loading import load_model
 
     if crop:
@@ -230,6 +222,7 @@ def segment(
     device = check_device(device)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights)
+    methods = resolve_methods(method, as_adapter(loaded.model))
     data, source = embedded_default(data, "seg", "segmentation set")
     try:
         seg = SegmentationData(data, Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std))
