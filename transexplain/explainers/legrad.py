@@ -51,8 +51,9 @@ def _layer_logits(adapter, trace, layer: int) -> torch.Tensor:
     hidden = trace.extras["hidden"][layer]
     m = adapter.model
     if adapter.family == "vit":
-        cls = m.norm(hidden[:, :1])[:, 0]
-        return m.head(m.fc_norm(cls))
+        from ..lrp import Tape
+
+        return adapter._head(Tape(record=False), hidden)
     if adapter.family == "swin":
         pooled = m.norm(hidden).flatten(1, 2).mean(1)
         return m.head.flatten(m.head.fc(m.head.drop(pooled)))

@@ -77,14 +77,30 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         m = model
-        if getattr(m, "cls_token", None) is None:
-            _refuse("the ViT has no class token (global average pooling models are not handled yet)")
-        if getattr(m, "num_prefix_tokens", 1) != 1 or getattr(m, "reg_token", None) is not None:
-            _refuse("the ViT has more than one prefix token (DeiT-distilled or register tokens)")
-        if getattr(m, "global_pool", "token") != "token" or getattr(m, "attn_pool", None) is not None:
-            _refuse(f"the ViT pools with {getattr(m, 'global_pool', '?')!r}, not with its class token")
-        if getattr(m, "no_embed_class", False) or getattr(m, "dynamic_img_size", False):
-            _refuse("position embeddings without the class token or dynamic image sizes are not handled yet")
+        # the tokens in front of the patches, in timm's order: class, distillation (DeiT), registers
+        self.prefix_params = [t for t in (getattr(m, "cls_token", None), getattr(m, "dist_token", None),
+                                          getattr(m, "reg_token", None)) if t is not None]
+        self.prefix = sum(t.shape[1] for t in self.prefix_params)
+        if self.prefix != getattr(m, "num_prefix_tokens", self.prefix):
+            _refuse(f"the ViT declares {m.num_prefix_tokens} prefix tokens but has {self.prefix}")
+        if getattr(m, "attn_pool", None) is not None:
+            _refuse("the ViT pools with attention (MAP head), which is not handled yet")
+        pool = getattr(m, "global_pool", "token")
+        if getattr(m, "dist_token", None) is not None:
+            self.pool = "distilled"  # DeiT: the mean of the class head on token 0 and the distillation head on token 1
+        elif pool == "token" and getattr(m, "cls_token", None) is not None:
+            self.pool = "token"
+        elif pool == "avg":
+            self.pool = "avg"
+        else:
+            _refuse(f"the ViT pools with {pool!r}{' without a class token' if pool == 'token' else ''}; "
+                    "class-token, average and DeiT-distilled pooling are handled")
+        #: the first token the average pools (timm leaves the prefix tokens out unless pool_include_prefix)
+        self.pool_from = 0 if getattr(m, "pool_include_prefix", False) else self.prefix
+        if self.pool != "token":  # the classifier does not read one class token's row
+            self.offers = frozenset(self.offers) - {"class_token"}
+        if getattr(m, "dynamic_img_size", False) or getattr(m, "pos_embed", None) is None:
+            _refuse("dynamic image sizes and models without an absolute position embedding are not handled yet")
         for i, blk in enumerate(m.blocks):
             attn = getattr(blk, "attn", None)
             if type(blk).__name__ != "Block" or attn is None or not hasattr(attn, "qkv"):
@@ -106,34 +122,55 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
 
     # -- the recorded forward --------------------------------------------------------------
-    def run(self, x: torch.Tensor, record: bool = False) -> Trace:
+    def run(self, x: torch.Tensor, record: bool = False, sublayers: bool = False) -> Trace:
         m = self.model
         tape = Tape(record=record)
+        sink = [] if sublayers else None  # per block: each sublayer's tokens before/after (used by tokentm)
         n_batch = x.shape[0]
         h = record_patch_embedding(tape, x, m.patch_embed.proj, self.stem)
         h = tape.move(lambda t: t.flatten(2).transpose(1, 2), h)
         h = tape.passthrough(m.patch_embed.norm, h)
-        cls = m.cls_token.expand(n_batch, -1, -1)
-        h = tape.move(lambda t: torch.cat([cls, t], dim=1), h)
-        h = tape.add(h, m.pos_embed)
+        prefix = [t.expand(n_batch, -1, -1) for t in self.prefix_params]
+        if getattr(m, "no_embed_class", False):  # position embedding on the patches only, then the prefix
+            h = tape.add(h, m.pos_embed)
+        if prefix:
+            h = tape.move(lambda t: torch.cat([*prefix, t], dim=1), h)
+        if not getattr(m, "no_embed_class", False):
+            h = tape.add(h, m.pos_embed)
         h = tape.passthrough(m.norm_pre, h)
         attentions = []
         ln_stats = []  # per block: (μ_t, σ_t) of norm1's input, (B, N) each (used by ln_stats)
         hidden = []  # per block: its output tokens (B, N, D), before the final norm (used by legrad)
+        inputs = []  # per block: the tokens entering it (B, N, D) (used by bt_t and attcat)
         for b, blk in enumerate(m.blocks):
             with torch.no_grad():
                 var, mu = torch.var_mean(h.detach(), dim=-1, unbiased=False)
                 ln_stats.append((mu, torch.sqrt(var + getattr(blk.norm1, "eps", 1e-6))))
-            h, att = self._block(tape, blk, h, b)
+            inputs.append(h)
+            h, att = self._block(tape, blk, h, b, sink)
             attentions.append(att)
             hidden.append(h)
-        h = tape.passthrough(m.norm, h)
-        pooled = tape.move(lambda t: t[:, 0], h)
-        pooled = tape.passthrough(m.fc_norm, pooled)
-        logits = tape.linear(pooled, m.head)
-        return Trace(logits=logits, attentions=attentions, tape=tape, input=x, extras={"ln_stats": ln_stats, "hidden": hidden})
+        logits = self._head(tape, h)
+        return Trace(logits=logits, attentions=attentions, tape=tape, input=x, extras={"ln_stats": ln_stats, "hidden": hidden,
+                                                                              "block_inputs": inputs, "sublayers": sink})
 
-    def _block(self, tape: Tape, blk, x, b: int):
+    def _head(self, tape: Tape, h: torch.Tensor) -> torch.Tensor:
+        """The final norm, the pooling and the classifier, on the last block's tokens (LeGrad reads
+        any layer's tokens through the same head)."""
+        m = self.model
+        h = tape.passthrough(m.norm, h)
+        if self.pool == "distilled":
+            a = tape.linear(tape.move(lambda t: t[:, 0], h), m.head)
+            d = tape.linear(tape.move(lambda t: t[:, 1], h), m.head_dist)
+            return tape.passthrough(lambda t: t / 2, tape.add(a, d))
+        if self.pool == "avg":
+            pooled = tape.pool_mean(tape.move(lambda t: t[:, self.pool_from:], h), 1)
+        else:
+            pooled = tape.move(lambda t: t[:, 0], h)
+        pooled = tape.passthrough(m.fc_norm, pooled)
+        return tape.linear(pooled, m.head)
+
+    def _block(self, tape: Tape, blk, x, b: int, sink: list | None = None):
         attn = blk.attn
         n_batch, n_tok, _ = x.shape
         heads, head_dim = attn.num_heads, attn.head_dim
@@ -148,12 +185,16 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         v = tape.move(part(2), qkv)
         q = tape.passthrough(lambda t: t * attn.scale, q)
         scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
-        att = tape.passthrough(lambda t: t.softmax(dim=-1), scores)
+        att = tape.softmax(scores)
         out = tape.matmul(att, v, tag=("attn_value", b))
         out = tape.move(lambda t: t.transpose(1, 2).reshape(n_batch, n_tok, heads * head_dim), out)
         out = tape.passthrough(attn.norm, out)
         out = tape.linear(out, attn.proj)
         out = tape.passthrough(blk.ls1, out)
+        if sink is not None:  # each token as the attention sublayer alone transforms it (value, projection), unmixed
+            with torch.no_grad():
+                alone = blk.ls1(attn.proj(attn.norm(v.transpose(1, 2).reshape(n_batch, n_tok, heads * head_dim))))
+            sink.append({"attn_in": x.detach(), "attn_out": alone})
         x = tape.add(x, out)
         h = tape.passthrough(blk.norm2, x)
         h = tape.linear(h, blk.mlp.fc1)
@@ -161,12 +202,28 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         h = tape.passthrough(blk.mlp.norm, h)
         h = tape.linear(h, blk.mlp.fc2)
         h = tape.passthrough(blk.ls2, h)
+        if sink is not None:
+            sink[-1].update(mlp_in=x.detach(), mlp_out=h.detach())
         x = tape.add(x, h)
         return x, att
 
     # -- token-space operators ---------------------------------------------------------------
+    def readout(self, trace: Trace) -> torch.Tensor:
+        """The row the classifier reads: the class token; for DeiT-distilled the mean of the class
+        and distillation tokens' rows (its two heads are averaged); for average pooling the uniform
+        row over the pooled tokens."""
+        n_batch, n_tok = trace.attentions[-1].shape[0], trace.attentions[-1].shape[-1]
+        v = torch.zeros(n_batch, n_tok, dtype=trace.logits.dtype, device=trace.logits.device)
+        if self.pool == "distilled":
+            v[:, :2] = 0.5
+        elif self.pool == "avg":
+            v[:, self.pool_from:] = 1.0 / (n_tok - self.pool_from)
+        else:
+            v[:, 0] = 1.0
+        return v
+
     def content_mean(self, row):
-        return row[:, 1:].mean(-1)
+        return row[:, self.prefix:].mean(-1)
 
     def to_token_map(self, v):
-        return v[:, 1:].reshape(v.shape[0], *self.grid)
+        return v[:, self.prefix:].reshape(v.shape[0], *self.grid)
