@@ -30,10 +30,10 @@ def per_sample_sum(t: torch.Tensor) -> torch.Tensor:
 class Node:
     """One recorded op: its kind decides which rule propagates relevance through it."""
 
-    kind: str  # "linear" | "add" | "matmul" | "pass" | "move" | "pool_mean" | "conv_input" | "conv"
+    kind: str  # "linear" | "add" | "matmul" | "pass" | "softmax" | "move" | "pool_mean" | "conv_input" | "conv"
     inputs: list[torch.Tensor]
     out: torch.Tensor
-    fn: Callable | None = None  # for "move": the index op itself (relevance follows it backwards)
+    fn: Callable | None = None  # for "move": the index op itself (relevance follows it backwards); for "pass": the op
     module: torch.nn.Module | None = None  # for "linear", "conv_input" and "conv"
     tag: tuple | None = None  # e.g. ("attn_value", block) on the A·V product
 
@@ -67,7 +67,12 @@ class Tape:
         y = fn(x)
         if self.record and y.shape != x.shape:
             raise ValueError("a pass-through op must keep the shape of its input")
-        return self._push(Node("pass", [x], y))
+        return self._push(Node("pass", [x], y, fn=fn))
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention softmax over the last dim: its own kind, so that a rule set can give it its
+        own rule (AttnLRP, CP-LRP); the classic rule sets pass relevance through it unchanged."""
+        return self._push(Node("softmax", [x], x.softmax(dim=-1), fn=_last_dim_softmax))
 
     def move(self, fn: Callable, x: torch.Tensor) -> torch.Tensor:
         """An op that only moves, copies or drops entries (reshape, permute, roll, cat, select)."""
@@ -84,6 +89,10 @@ class Tape:
     def conv(self, x: torch.Tensor, module: torch.nn.Conv2d) -> torch.Tensor:
         """A convolution on features (a conv stem's inner layers): propagated like a linear layer."""
         return self._push(Node("conv", [x], module(x), module=module))
+
+
+def _last_dim_softmax(t: torch.Tensor) -> torch.Tensor:
+    return t.softmax(dim=-1)
 
 
 def vjp(fn: Callable, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
