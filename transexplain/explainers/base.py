@@ -142,6 +142,19 @@ def select_target(logits: torch.Tensor, target) -> torch.Tensor:
     return t
 
 
+def content_seed(sample: torch.Tensor, seed: int) -> int:
+    """A generator seed drawn from one sample's content and the user's seed, so that a seeded
+    random draw (the random baseline, SmoothGrad's noise) is the same for the same input whatever
+    the batch. Images are hashed in float32, so float32 and float64 runs draw alike; token ids as
+    integers."""
+    import hashlib
+
+    data = sample.detach().cpu()
+    data = data.float() if data.is_floating_point() else data.long()
+    digest = hashlib.sha256(data.numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") ^ int(seed)
+
+
 def target_gradients(logits: torch.Tensor, target: torch.Tensor, tensors: list) -> list:
     """∂y_t/∂T for each T: the raw (pre-softmax) logit of the explained class, summed over the batch."""
     one_hot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)

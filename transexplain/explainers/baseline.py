@@ -1,11 +1,9 @@
 """The random baseline: what a method must beat to mean anything."""
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-from .base import Explainer, register
+from .base import Explainer, content_seed, register
 
 
 @register
@@ -23,9 +21,7 @@ class RandomBaseline(Explainer):
         template = adapter.readout(trace)
         rows = []
         for sample in x:  # one generator per image keeps the map independent of the batch
-            # hashed in float32 so that both precisions draw the same map for the same image
-            digest = hashlib.sha256(sample.detach().float().cpu().numpy().tobytes()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") ^ self.options["seed"])
+            gen = torch.Generator().manual_seed(content_seed(sample, self.options["seed"]))
             rows.append(torch.rand(template.shape[1], generator=gen, dtype=torch.float64))
         v = torch.stack(rows).to(template.dtype).to(template.device)
         return v, trace.logits, target

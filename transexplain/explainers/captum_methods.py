@@ -18,12 +18,10 @@ NoiseTunnel(Saliency, nt_type="smoothgrad") computes.
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from ..errors import UserError
-from .base import Explainer, register, select_target
+from .base import Explainer, content_seed, register, select_target
 
 #: IG's quadrature: Captum's default, Gauss-Legendre nodes and weights from numpy in float64. Captum
 #: 0.9.0's Riemann rules are not offered: their nodes come from a float32 linspace, and its trapezoid
@@ -190,14 +188,6 @@ class IntegratedGradients(_CaptumExplainer):
         return self._explain(adapter, x, target, attribute, signed=True)
 
 
-def _sample_seed(sample: torch.Tensor, seed: int) -> int:
-    # hashed in float32 so that both precisions draw the same noise for the same image
-    data = sample.detach().cpu()
-    data = data.float() if data.is_floating_point() else data.long()
-    digest = hashlib.sha256(data.numpy().tobytes()).digest()
-    return int.from_bytes(digest[:8], "little") ^ int(seed)
-
-
 @register
 class SmoothGrad(_CaptumExplainer):
     name = "smoothgrad"
@@ -217,7 +207,7 @@ class SmoothGrad(_CaptumExplainer):
         inputs = wrapped.inputs.detach()
         draws = []
         for i, sample in enumerate(x):  # one generator per sample keeps the map independent of the batch
-            gen = torch.Generator().manual_seed(_sample_seed(sample, self.options["seed"]))
+            gen = torch.Generator().manual_seed(content_seed(sample, self.options["seed"]))
             if wrapped.pixels:
                 values = inputs[i]
                 eps = torch.randn((n, *values.shape), generator=gen, dtype=torch.float64)
