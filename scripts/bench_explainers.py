@@ -1,6 +1,6 @@
 """Time and peak memory of every explainer as a ratio to a plain timm forward, side by side.
 
-ViT-B/16 shapes (random weights), 224x224, CPU. For each batch size the plain (float32) forward and
+ViT-B/16 shapes (random weights), 224x224, on the CPU (or `--device cuda`). For each batch size the plain (float32) forward and
 every method in each precision (`float32`, the fast mode; `mixed`, the default that gives the same
 maps on every CPU; `float64`, all float64) are timed in interleaved rounds (median of `--repeats`),
 so background load hits them alike. Printed per method: each precision's time as a ratio to the
@@ -8,7 +8,11 @@ plain forward, the float32 target, and each other precision's time / float32's (
 default, mixed: <= 2). Peak memory per image is measured in a fresh subprocess per method (peak RSS above the
 RSS after loading the model), next to that of a plain forward+backward.
 
-    python scripts/bench_explainers.py [--model vit_base_patch16_224] [--batches 1 8] [--repeats 3]
+    python scripts/bench_explainers.py [--model vit_base_patch16_224] [--batches 1 8] [--repeats 3] [--device cuda]
+
+Targets are in units of a plain forward, except those of the methods that are many gradients
+(integrated gradients, SmoothGrad: `TARGETS_FWD_BWD`), which are in units of one forward+backward,
+timed in the same rounds. On CUDA the peak memory is torch's peak allocation of one call.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import time
 import torch
 
 TARGETS = {"transformer_attribution": 6.5, "partial_lrp": 6.5, "generic_attention": 3.5, "gradcam": 3.5,
-           "rollout": 1.3, "raw_attention": 1.3}
+           "rollout": 1.3, "raw_attention": 1.3, "attnlrp": 3.0, "cp_lrp": 3.0}
+#: targets in forward+backward units: 20 steps / 20 noisy copies, each one gradient
+TARGETS_FWD_BWD = {"integrated_gradients": 20, "smoothgrad": 20}
 
 
 def build(name):
@@ -36,6 +42,16 @@ PRECISIONS = ("float32", "mixed", "float64")
 
 
 def run_once(model, x, method, precision="float32"):
+    import transexplain
+
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    _run(model, x, method, precision)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+
+
+def _run(model, x, method, precision):
     import transexplain
 
     if method == "forward":
@@ -78,6 +94,7 @@ def main():
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--_memory_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_child:
@@ -88,11 +105,12 @@ def main():
 
     methods = args.methods or [m for m in method_names() if m != "random"]
     torch.set_num_threads(torch.get_num_threads())
-    model = build(args.model)
-    print(f"model {args.model}, CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
+    model = build(args.model).to(args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU threads {torch.get_num_threads()}"
+    print(f"model {args.model}, {where}, torch {torch.__version__}")
     for batch in args.batches:
-        x = torch.randn(batch, 3, 224, 224)
-        entries = [("forward", "float32")] + [(m, p) for m in methods for p in args.precisions]
+        x = torch.randn(batch, 3, 224, 224, device=args.device)
+        entries = [("forward", "float32"), ("forward+backward", "float32")] + [(m, p) for m in methods for p in args.precisions]
         for m, p in entries:  # warm-up (also builds the cached float64 copy of the model)
             run_once(model, x, m, p)
         times = {e: [] for e in entries}
@@ -102,13 +120,17 @@ def main():
                 run_once(model, x, m, p)
                 times[(m, p)].append(time.perf_counter() - t0)
         fwd = statistics.median(times[("forward", "float32")])
-        print(f"\nbatch {batch}: plain float32 forward {fwd * 1000:.0f} ms ({fwd / batch * 1000:.0f} ms/image)")
+        fwd_bwd = statistics.median(times[("forward+backward", "float32")]) / fwd
+        print(f"\nbatch {batch}: plain float32 forward {fwd * 1000:.0f} ms ({fwd / batch * 1000:.0f} ms/image); "
+              f"forward+backward {fwd_bwd:.2f} x fwd")
         head = "".join(f" {p + ' x fwd':>14s}" for p in args.precisions)
         rel_head = "".join(f" {p + '/f32':>12s}" for p in args.precisions if p != "float32")
         print(f"{'method':26s}{head} {'f32 target':>12s}{rel_head}")
         for m in methods:
             ratios = {p: statistics.median(times[(m, p)]) / fwd for p in args.precisions}
             target = TARGETS.get(m)
+            if m in TARGETS_FWD_BWD:
+                target = round(TARGETS_FWD_BWD[m] * fwd_bwd, 1)
             line = f"{m:26s}" + "".join(f" {ratios[p]:14.2f}" for p in args.precisions)
             if "float32" in ratios:
                 flag = "" if target is None else ("ok" if ratios["float32"] <= target else "OVER")
@@ -121,6 +143,18 @@ def main():
     if args.no_memory:
         return
     batch = max(args.batches)
+    if args.device.startswith("cuda"):
+        x = torch.randn(batch, 3, 224, 224, device=args.device)
+        print(f"\npeak CUDA memory per image of one call (batch {batch}):")
+        for m in ["forward", "forward+backward"] + methods:
+            for p in (["float32"] if m.startswith("forward") else args.precisions):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                run_once(model, x, m, p)
+                mb = (torch.cuda.max_memory_allocated() - base) / 2**20 / batch
+                print(f"{m:26s} {p:8s} {mb:8.1f} MB/image")
+        return
     print(f"\npeak memory per image above the loaded model (batch {batch}, fresh process each):")
     for m in ["forward", "forward+backward"] + methods:
         for p in (["float32"] if m.startswith("forward") else args.precisions):
