@@ -168,7 +168,8 @@ def cached_weights(spec: str):
 
 def load_model(spec: str | None = "embedded", num_classes: int | None = None, pretrained: bool | None = None,
                random_weights: bool = False) -> LoadedModel:
-    """`spec`: 'embedded' (default), 'embedded-swin', a timm model name, or a checkpoint path.
+    """`spec`: 'embedded' (default), 'embedded-swin', a timm model name (also as `timm:NAME`), a
+    checkpoint path, `hf:NAME_OR_FOLDER` (a Hugging Face image classifier) or `torchvision:NAME`.
 
     A timm name loads its pretrained weights from the local cache (never from the network; a
     missing cache entry is a one-line UserError saying how to provide them). `random_weights`
@@ -179,6 +180,11 @@ def load_model(spec: str | None = "embedded", num_classes: int | None = None, pr
 
     random_weights = bool(random_weights or pretrained is False)
     spec = spec or "embedded"
+    family, sep, rest = spec.partition(":")
+    if sep and family in ("hf", "torchvision") and rest:
+        return (load_hf_vision if family == "hf" else load_torchvision)(rest, random_weights=random_weights)
+    if sep and family == "timm" and rest:
+        spec = rest
     if spec in EMBEDDED:
         path = EMBEDDED[spec]
         if not (path / "model.safetensors").exists():
@@ -221,3 +227,82 @@ def load_model(spec: str | None = "embedded", num_classes: int | None = None, pr
     return LoadedModel(model=model, name=spec, mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
                        input_size=tuple(cfg.get("input_size", (3, 224, 224))), source=f"timm:{spec}",
                        weights_hash=weights_hash, weights=label)
+
+
+def _canonical(model: torch.nn.Module, mean, std, what: str) -> torch.nn.Module:
+    """The timm-layout view of a Hugging Face / torchvision ViT (models/canonizers.py)."""
+    from .canonizers import canonize
+
+    view = canonize(model.eval())
+    if view is None:
+        raise UserError(f"{what} is a {type(model).__name__}: supported here are Hugging Face ViT and DeiT image "
+                        f"classifiers and torchvision's VisionTransformer.")
+    view.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std)}
+    return view
+
+
+def load_hf_vision(name: str, random_weights: bool = False) -> LoadedModel:
+    """A Hugging Face image classifier from a local folder or the local hub cache (never the network);
+    mean and std from its preprocessor_config.json."""
+    import transformers
+
+    what = f"hf:{name}"
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        raise UserError(f"No Hugging Face model {name!r} in a local folder or the local hub cache: give a folder with "
+                        f"config.json, or download it once with network access (transformers' from_pretrained).") from None
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = getattr(transformers, arch, None) or transformers.AutoModelForImageClassification
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(name, local_files_only=True)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no preprocessor_config.json: the ViT processor's defaults
+    if random_weights:
+        model = _random_init(lambda: cls._from_config(config))
+        weights_hash = label = "random-init"
+    else:
+        try:
+            model = cls.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"Cannot load the weights of {what} ({err}): give a folder with the weights, or pass --random-weights.") from None
+        weights_hash, label = "", f"pretrained:{name}"
+        folder = Path(name)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+        if files:
+            weights_hash = _hash_file(files[0])
+    view = _canonical(model.float(), mean, std, what)
+    size = view.patch_embed.img_size
+    names = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
+    return LoadedModel(model=view, name=what, mean=mean, std=std, input_size=(view.patch_embed.proj.in_channels, *size),
+                       class_names=names, source=what, weights_hash=weights_hash, weights=label)
+
+
+def load_torchvision(name: str, random_weights: bool = False) -> LoadedModel:
+    """A torchvision ViT (`vit_b_16`, ...): its DEFAULT weights from torch's hub cache, never the network."""
+    import torchvision
+
+    what = f"torchvision:{name}"
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError):
+        raise UserError(f"torchvision has no model {name!r}: give one of {', '.join(n for n in torchvision.models.list_models() if n.startswith('vit'))}.") from None
+    tf = weights.transforms()
+    mean, std = tuple(tf.mean), tuple(tf.std)
+    names = list(weights.meta.get("categories", []))
+    if random_weights:
+        model = _random_init(lambda: torchvision.models.get_model(name, weights=None))
+        weights_hash = label = "random-init"
+    else:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        if not cached.is_file():
+            raise UserError(f"The weights of {what} are not in the local cache (looked for {cached}): download them once "
+                            f"with network access (torchvision.models.get_model('{name}', weights='DEFAULT')), or pass --random-weights.")
+        model = torchvision.models.get_model(name, weights=None)
+        model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
+        weights_hash, label = _hash_file(cached), f"pretrained:{weights}"
+    view = _canonical(model, mean, std, what)
+    return LoadedModel(model=view, name=what, mean=mean, std=std, input_size=(3, *view.patch_embed.img_size),
+                       class_names=names, source=what, weights_hash=weights_hash, weights=label)

@@ -23,6 +23,11 @@ def as_adapter(model) -> EncoderAdapter:
     if not isinstance(model, nn.Module):
         raise UserError(f"Expected a PyTorch model, got {type(model).__name__}: pass a timm or Hugging Face model object.")
     name = type(model).__name__
+    from .canonizers import canonize
+
+    view = canonize(model)
+    if view is not None:
+        return ViTAdapter(view)
     if name in ("VisionTransformer", "VisionTransformerDistilled"):
         return ViTAdapter(model)
     if name in ("SwinTransformer",):
