@@ -40,7 +40,7 @@ def class_token_method(monkeypatch):
 def test_a_class_token_method_is_refused_on_swin_and_runs_on_vit(class_token_method):
     row = base.support_matrix()[class_token_method]
     assert row["vit"] is None and row["bert"] is None
-    assert "swin" in row["swin"] and class_token_method in row["swin"] and "class token" in row["swin"]
+    assert "Swin" in row["swin"] and class_token_method in row["swin"] and "class token" in row["swin"]
     out = explain(make_vit(), torch.randn(2, 3, 16, 16, dtype=torch.float64), method=class_token_method)
     assert out.token_map.shape == (2, 4, 4)
 
@@ -48,7 +48,7 @@ def test_a_class_token_method_is_refused_on_swin_and_runs_on_vit(class_token_met
 
     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=2,
                              embed_dim=8, depths=(1, 1), num_heads=(1, 1), num_classes=3).double().eval()
-    with pytest.raises(UserError, match="not defined on swin"):
+    with pytest.raises(UserError, match="not defined on Swin"):
         explain(swin, torch.randn(1, 3, 32, 32, dtype=torch.float64), method=class_token_method)
 
 
@@ -81,3 +81,4 @@ def test_method_option_all_leaves_out_what_the_architecture_cannot_run(class_tok
     with pytest.raises(UserError, match="class token"):
         resolve_methods(f"rollout,{class_token_method}", swin)
     assert resolve_methods(f"rollout,{class_token_method}", vit) == ["rollout", class_token_method]
+

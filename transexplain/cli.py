@@ -45,8 +45,15 @@ def _global(
 
 
 @app.command("methods")
-def methods_cmd():
+def methods_cmd(
+    models: bool = typer.Option(False, "--models", help="Print the model family x method matrix instead (markdown, as in docs/models.md)."),
+):
     """List every explanation method: its name, the other names it answers to, and what it does."""
+    if models:
+        from .models.families import matrix_markdown
+
+        typer.echo(matrix_markdown(), nl=False)
+        return
     from .explainers import get_method, list_methods
     from .explainers.base import support_matrix
 
@@ -159,6 +166,8 @@ def main():
     from . import interrupt
 
     debug = "--debug" in sys.argv or os.environ.get("TX_BENCH_DEBUG") == "1"
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun only rank 0 prints (errors still do)
+        sys.stdout = open(os.devnull, "w")
     usage_errors, exits, aborts = _signal_classes()
     interrupt.reset()
     try:
@@ -168,7 +177,8 @@ def main():
     except UserError as err:
         if debug:
             raise
-        typer.echo(f"Error: {err}", err=True)
+        if not getattr(err, "silent", False):  # under torchrun, an error all ranks share is printed by rank 0
+            typer.echo(f"Error: {err}", err=True)
         sys.exit(2)
     except exits as err:
         rv = err.exit_code

@@ -44,7 +44,8 @@ def refusal(method: str, adapter) -> str | None:
     if not missing:
         return None
     what = "; ".join(CAPABILITIES[m] for m in missing)
-    return f"Method {cls.name!r} is not defined on {adapter.family} models: it needs {what}, which the {adapter.family} adapter does not offer."
+    arch = getattr(adapter, "description", None) or f"{adapter.family} models"
+    return f"Method {cls.name!r} is not defined on {arch}: it needs {what}, which the {adapter.family} adapter does not offer there."
 
 
 def support_matrix() -> dict:

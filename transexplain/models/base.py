@@ -34,6 +34,7 @@ CAPABILITIES = {
     "layer_readout": "a classifier that can read every layer's tokens",
     "ln_stats": "each block's LayerNorm input statistics",
     "class_token": "a class token whose row the classifier reads",
+    "sublayer_tokens": "each block's tokens before and after its attention and MLP sublayers",
 }
 
 

@@ -62,6 +62,7 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
 
 class SwinAdapter(EncoderAdapter):
     family = "swin"
+    description = "Swin models (average-pooled, no class token)"
     #: no class token: the classifier reads the mean of the last stage's tokens
     offers = frozenset(CAPABILITIES) - {"class_token"}
     default_start_layer = 0
@@ -102,15 +103,17 @@ class SwinAdapter(EncoderAdapter):
         self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
     # -- the recorded forward --------------------------------------------------------------
-    def run(self, x: torch.Tensor, record: bool = False) -> Trace:
+    def run(self, x: torch.Tensor, record: bool = False, sublayers: bool = False) -> Trace:
         m = self.model
         tape = Tape(record=record)
+        sink = [] if sublayers else None  # per block: each sublayer's tokens before/after (used by tokentm)
         pe = m.patch_embed
         h = record_patch_embedding(tape, x, pe.proj, self.stem)
         h = tape.move(lambda t: t.permute(0, 2, 3, 1), h)  # NCHW -> NHWC
         h = tape.passthrough(pe.norm, h)
         attentions, stats = [], []
         hidden = []  # per block: its output tokens (B, H, W, C) (used by legrad)
+        inputs = []  # per block: the tokens entering it (B, H, W, C) (used by attcat)
         b = 0
         for stage in m.layers:
             ds = stage.downsample
@@ -123,7 +126,8 @@ class SwinAdapter(EncoderAdapter):
                     var, mu = torch.var_mean(h.detach(), dim=-1, unbiased=False)
                     sigma = torch.sqrt(var + blk.norm1.eps)
                 stats.append((mu.flatten(1), sigma.flatten(1)))
-                h, att = self._block(tape, blk, h, b)
+                inputs.append(h)
+                h, att = self._block(tape, blk, h, b, sink)
                 attentions.append(att)
                 hidden.append(h)
                 b += 1
@@ -136,9 +140,11 @@ class SwinAdapter(EncoderAdapter):
         trace = Trace(logits=logits, attentions=attentions, tape=tape, input=x)
         trace.extras["ln_stats"] = stats
         trace.extras["hidden"] = hidden
+        trace.extras["block_inputs"] = inputs
+        trace.extras["sublayers"] = sink
         return trace
 
-    def _block(self, tape: Tape, blk, x, b: int):
+    def _block(self, tape: Tape, blk, x, b: int, sink: list | None = None):
         attn = blk.attn
         n_batch, hh, ww, ch = x.shape
         win, shift = tuple(blk.window_size), tuple(blk.shift_size)
@@ -161,12 +167,16 @@ class SwinAdapter(EncoderAdapter):
         mask = blk.attn_mask
         if mask is not None:  # (nW, n, n), repeated for each image of the batch
             scores = tape.add(scores, mask.to(scores.dtype).unsqueeze(1).repeat(n_batch, 1, 1, 1))
-        att = tape.passthrough(lambda t: t.softmax(dim=-1), scores)
+        att = tape.softmax(scores)
         att = tape.passthrough(attn.attn_drop, att)
         out = tape.matmul(att, v, tag=("attn_value", b))
         out = tape.move(lambda t: t.transpose(1, 2).reshape(n_win, n, heads * head_dim), out)
         out = tape.linear(out, attn.proj)
         out = tape.passthrough(attn.proj_drop, out)
+        if sink is not None:  # each token as the attention sublayer alone transforms it (value, projection), unmixed
+            with torch.no_grad():
+                alone = attn.proj(_from_windows(v.transpose(1, 2).reshape(n_win, n, heads * head_dim), win, shift, hh, ww))
+            sink.append({"attn_in": x.detach(), "attn_out": alone})
         out = tape.move(lambda t: _from_windows(t, win, shift, hh, ww), out)
         out = tape.passthrough(blk.drop_path1, out)
         x = tape.add(x, out)
@@ -178,6 +188,8 @@ class SwinAdapter(EncoderAdapter):
         h = tape.linear(h, blk.mlp.fc2)
         h = tape.passthrough(blk.mlp.drop2, h)
         h = tape.passthrough(blk.drop_path2, h)
+        if sink is not None:
+            sink[-1].update(mlp_in=x.detach(), mlp_out=h.detach())
         x = tape.add(x, h)
         return x, att
 

@@ -172,27 +172,30 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
             h = proj(h)
         return h
 
-    def run(self, x: TextBatch, record: bool = False) -> Trace:
+    def run(self, x: TextBatch, record: bool = False, sublayers: bool = False) -> Trace:
         if not isinstance(x, TextBatch):
             x = self.prepare(x)
         self._mask = x.attention_mask
         tape = Tape(record=record)
+        sink = [] if sublayers else None  # per layer: each sublayer's tokens before/after (used by tokentm)
         h = self.embed(x)
         start = h
         dtype = h.dtype
         bias = (1.0 - x.attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         attentions = []
         hidden = []  # per layer: its output tokens (B, N, D) (used by legrad)
+        inputs = []  # per layer: the tokens entering it (B, N, D) (used by bt_t and attcat)
         for b, layer in enumerate(self.encoder.encoder.layer):
-            h, att = self._block(tape, layer, h, bias, b)
+            inputs.append(h)
+            h, att = self._block(tape, layer, h, bias, b, sink)
             attentions.append(att)
             hidden.append(h)
         logits = self._head(tape, h)
         return Trace(logits=logits, attentions=attentions, tape=tape, input=start,
                      extras={"attention_mask": x.attention_mask, "special_mask": x.special_mask,
-                             "hidden": hidden})
+                             "hidden": hidden, "block_inputs": inputs, "sublayers": sink})
 
-    def _block(self, tape: Tape, layer, x, bias, b: int):
+    def _block(self, tape: Tape, layer, x, bias, b: int, sink: list | None = None):
         sa = layer.attention.self
         n_batch, n_tok, _ = x.shape
         heads = self.num_heads
@@ -208,15 +211,21 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         scale = 1.0 / math.sqrt(d)
         scores = tape.passthrough(lambda t: t * scale, scores)
         scores = tape.add(scores, bias)
-        att = tape.passthrough(lambda t: t.softmax(dim=-1), scores)
+        att = tape.softmax(scores)
         ctx = tape.matmul(att, v, tag=("attn_value", b))
         ctx = tape.move(lambda t: t.transpose(1, 2).reshape(n_batch, n_tok, heads * d), ctx)
         out = tape.linear(ctx, layer.attention.output.dense)
+        if sink is not None:  # each token as the attention sublayer alone transforms it (value, dense), unmixed
+            with torch.no_grad():
+                alone = layer.attention.output.dense(v.transpose(1, 2).reshape(n_batch, n_tok, heads * d))
+            sink.append({"attn_in": x.detach(), "attn_out": alone})
         h = tape.add(out, x)
         h = tape.passthrough(layer.attention.output.LayerNorm, h)
         i = tape.linear(h, layer.intermediate.dense)
         i = tape.passthrough(layer.intermediate.intermediate_act_fn, i)
         o = tape.linear(i, layer.output.dense)
+        if sink is not None:
+            sink[-1].update(mlp_in=h.detach(), mlp_out=o.detach())
         y = tape.add(o, h)
         y = tape.passthrough(layer.output.LayerNorm, y)
         return y, att

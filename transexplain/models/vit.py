@@ -97,6 +97,8 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
                     "class-token, average and DeiT-distilled pooling are handled")
         #: the first token the average pools (timm leaves the prefix tokens out unless pool_include_prefix)
         self.pool_from = 0 if getattr(m, "pool_include_prefix", False) else self.prefix
+        self.description = {"token": "ViTs with a class token", "avg": "average-pooled ViTs",
+                            "distilled": "DeiT-distilled ViTs (class and distillation heads averaged)"}[self.pool]
         if self.pool != "token":  # the classifier does not read one class token's row
             self.offers = frozenset(self.offers) - {"class_token"}
         if getattr(m, "dynamic_img_size", False) or getattr(m, "pos_embed", None) is None:
