@@ -10,6 +10,9 @@ RSS after loading the model), next to that of a plain forward+backward.
 
     python scripts/bench_explainers.py [--model vit_base_patch16_224] [--batches 1 8] [--repeats 3] [--device cuda]
 
+`--model` takes a timm name or another family's `--model` form (torchvision:vit_b_16, hf:FOLDER):
+the per-family ratios of issue 16 come from running it once per family.
+
 Targets are in units of a plain forward, except those of the methods that are many gradients
 (integrated gradients, SmoothGrad: `TARGETS_FWD_BWD`), which are in units of one forward+backward,
 timed in the same rounds. On CUDA the peak memory is torch's peak allocation of one call.
@@ -31,7 +34,19 @@ TARGETS = {"transformer_attribution": 6.5, "partial_lrp": 6.5, "generic_attentio
 TARGETS_FWD_BWD = {"integrated_gradients": 20, "smoothgrad": 20}
 
 
+def input_shape(model) -> tuple:
+    from transexplain.models import as_adapter
+
+    return tuple(as_adapter(model).input_size)
+
+
 def build(name):
+    """A timm name, or any `--model` form with a family prefix (torchvision:vit_b_16, hf:FOLDER),
+    with seeded random weights."""
+    if ":" in name:
+        from transexplain.models.loading import load_model
+
+        return load_model(name, random_weights=True).model.eval()
     import timm
 
     torch.manual_seed(0)
@@ -76,7 +91,7 @@ def _status_kb(field):
 def memory_child(name, method, batch, precision):
     """Peak RSS of one call above the RSS before it; the kernel's peak (VmHWM) is reset first."""
     model = build(name)
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, *input_shape(model))
     run_once(model, x, method, precision)  # warm-up: one-off allocations (and the float64 copy) are not the method's cost
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -109,7 +124,7 @@ def main():
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU threads {torch.get_num_threads()}"
     print(f"model {args.model}, {where}, torch {torch.__version__}")
     for batch in args.batches:
-        x = torch.randn(batch, 3, 224, 224, device=args.device)
+        x = torch.randn(batch, *input_shape(model), device=args.device)
         entries = [("forward", "float32"), ("forward+backward", "float32")] + [(m, p) for m in methods for p in args.precisions]
         for m, p in entries:  # warm-up (also builds the cached float64 copy of the model)
             run_once(model, x, m, p)
@@ -144,7 +159,7 @@ def main():
         return
     batch = max(args.batches)
     if args.device.startswith("cuda"):
-        x = torch.randn(batch, 3, 224, 224, device=args.device)
+        x = torch.randn(batch, *input_shape(model), device=args.device)
         print(f"\npeak CUDA memory per image of one call (batch {batch}):")
         for m in ["forward", "forward+backward"] + methods:
             for p in (["float32"] if m.startswith("forward") else args.precisions):
