@@ -129,9 +129,6 @@ def test_refusals_and_inputs():
     with pytest.raises(UserError, match="out of range"):
         explain(adapter, {"input_ids": torch.tensor([[2, 7, 9]])}, method="gradcam", target=5)
     torch.manual_seed(0)
-    distil = DistilBertForSequenceClassification(DistilBertConfig(n_layers=1, dim=32, n_heads=4, hidden_dim=64, vocab_size=100))
-    with pytest.raises(UserError, match="not supported.*DistilBertForSequenceClassification"):
-        as_adapter(distil)
     batch = adapter.prepare({"input_ids": torch.tensor([[2, 7, 9, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])})
     assert isinstance(batch, TextBatch) and batch.requires_grad_(False) is batch
     assert [t.tolist() for t in batch] == [[2, 7, 9]]
@@ -146,3 +143,29 @@ def test_float32_and_float64_agree_for_attention_methods():
         b = explain(TextAdapter(m32), {"input_ids": ids, "attention_mask": mask}, method=method, target=torch.tensor([0, 1, 2]),
                     precision="float32")
         torch.testing.assert_close(a.token_map.float(), b.token_map, atol=1e-4, rtol=1e-3)
+
+
+def test_distilbert_records_its_own_logits_and_runs_every_method():
+    """DistilBERT through BERT-named views of its own modules: the recorded logits equal its forward,
+    and rollout equals rollout of the attention probabilities transformers returns."""
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(n_layers=2, dim=32, n_heads=4, hidden_dim=64,
+                                                                 vocab_size=100, num_labels=3)).double().eval()
+    model.config._attn_implementation = "eager"
+    ids, mask = padded_batch()
+    adapter = as_adapter(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        got = adapter.run(adapter.prepare({"input_ids": ids, "attention_mask": mask})).logits
+    assert (got - ref.logits).abs().max().item() < 1e-12
+    n = ids.shape[1]
+    eye = torch.eye(n, dtype=torch.float64)
+    joint = eye.expand(ids.shape[0], n, n)
+    for a in ref.attentions:  # BERT's rollout multiplies every layer (start 0)
+        m = a.mean(1) + eye
+        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    roll = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method="rollout").token_map
+    assert torch.allclose(roll, joint[:, 0] * mask, atol=1e-12)
+    for method in METHODS:
+        out = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method=method)
+        assert torch.isfinite(out.heatmap).all(), method

@@ -57,6 +57,9 @@ def _text(kind):
                     max_position_embeddings=40, num_labels=3)
         if kind == "electra":
             tiny["embedding_size"] = 16
+        if kind == "distilbert":
+            return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+                vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=40, num_labels=3))
         config = getattr(transformers, f"{kind.capitalize()}Config")(**tiny)
         return getattr(transformers, f"{kind.capitalize()}ForSequenceClassification")(config)
 
@@ -76,6 +79,7 @@ FAMILIES = {
     "BERT classifier": ("a local Hugging Face folder (eraser)", _text("bert")),
     "RoBERTa classifier": ("a local Hugging Face folder (eraser)", _text("roberta")),
     "ELECTRA classifier": ("a local Hugging Face folder (eraser)", _text("electra")),
+    "DistilBERT classifier": ("a local Hugging Face folder (eraser)", _text("distilbert")),
 }
 
 

@@ -27,7 +27,8 @@ from ..errors import UserError
 from ..lrp import Tape
 from .base import ClassTokenReadout, EncoderAdapter, Trace
 
-SUPPORTED_TEXT = "BertForSequenceClassification, RobertaForSequenceClassification, ElectraForSequenceClassification"
+SUPPORTED_TEXT = ("BertForSequenceClassification, RobertaForSequenceClassification, ElectraForSequenceClassification, "
+                  "DistilBertForSequenceClassification")
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_text"
 
 
@@ -67,6 +68,24 @@ class TextBatch:
         return TextBatch(mv(self.input_ids), mv(self.attention_mask), mv(self.token_type_ids), mv(self.special_mask), self.word_ids)
 
 
+def _bert_named(layer: nn.Module) -> nn.Module:
+    """A DistilBERT layer's own modules under BERT's names (no copies): the same post-norm block."""
+
+    def node(**children):
+        m = nn.Module()
+        for k, v in children.items():
+            setattr(m, k, v)
+        return m
+
+    att, ffn = layer.attention, layer.ffn
+    return node(
+        attention=node(self=node(query=att.q_lin, key=att.k_lin, value=att.v_lin),
+                       output=node(dense=att.out_lin, LayerNorm=layer.sa_layer_norm)),
+        intermediate=node(dense=ffn.lin1, intermediate_act_fn=ffn.activation),
+        output=node(dense=ffn.lin2, LayerNorm=layer.output_layer_norm),
+    )
+
+
 def _refuse(why: str):
     raise UserError(f"This text model is not supported: {why}. Supported text models: {SUPPORTED_TEXT}.")
 
@@ -83,11 +102,14 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         super().__init__(model)
         name = type(model).__name__
         kind = {"BertForSequenceClassification": "bert", "RobertaForSequenceClassification": "roberta",
-                "ElectraForSequenceClassification": "electra"}.get(name)
+                "ElectraForSequenceClassification": "electra", "DistilBertForSequenceClassification": "distilbert"}.get(name)
         if kind is None:
             _refuse(f"{name} has a different layer layout")
         self.kind = kind
-        self.encoder = getattr(model, {"bert": "bert", "roberta": "roberta", "electra": "electra"}[kind])
+        self.encoder = getattr(model, kind)
+        #: the layers under BERT's module names (DistilBERT's are renamed views of its own modules)
+        self.layers = ([_bert_named(layer) for layer in self.encoder.transformer.layer] if kind == "distilbert"
+                       else list(self.encoder.encoder.layer))
         cfg = model.config
         if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
             _refuse("the model is configured as a decoder")
@@ -164,7 +186,7 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
     def embed(self, x: TextBatch) -> torch.Tensor:
         enc = self.encoder
         kwargs = {"input_ids": x.input_ids}
-        if x.token_type_ids is not None:
+        if x.token_type_ids is not None and self.kind != "distilbert":  # DistilBERT has no segment embedding
             kwargs["token_type_ids"] = x.token_type_ids
         h = enc.embeddings(**kwargs)
         proj = getattr(enc, "embeddings_project", None)
@@ -185,7 +207,7 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         attentions = []
         hidden = []  # per layer: its output tokens (B, N, D) (used by legrad)
         inputs = []  # per layer: the tokens entering it (B, N, D) (used by bt_t and attcat)
-        for b, layer in enumerate(self.encoder.encoder.layer):
+        for b, layer in enumerate(self.layers):
             inputs.append(h)
             h, att = self._block(tape, layer, h, bias, b, sink)
             attentions.append(att)
@@ -233,6 +255,10 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
     def _head(self, tape: Tape, h):
         m = self.model
         cls = tape.move(lambda t: t[:, 0], h)
+        if self.kind == "distilbert":  # pre_classifier, ReLU, classifier
+            pooled = tape.linear(cls, m.pre_classifier)
+            pooled = tape.passthrough(torch.relu, pooled)
+            return tape.linear(pooled, m.classifier)
         if self.kind == "bert":
             pooled = tape.linear(cls, self.encoder.pooler.dense)
             pooled = tape.passthrough(self.encoder.pooler.activation, pooled)
