@@ -76,7 +76,7 @@ def methods_cmd(
 @app.command("explain")
 def explain_cmd(
     images: List[Path] = typer.Argument(None, help="Image files (PNG, JPEG, ...) or folders of them to explain; outputs never overwrite each other (clashing names get their folder's name in front)."),
-    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm model name, or a checkpoint (.safetensors or its directory)."),
+    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm name, a checkpoint (.safetensors or its directory), hf:NAME_OR_FOLDER, torchvision:NAME or clip:NAME_OR_FOLDER (see docs/models.md)."),
     method: str = typer.Option("transformer_attribution", "--method", help="Method name (see `tx-bench methods`)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="'all' (or a comma list): write one comparison grid of these methods side by side."),
     target: Optional[int] = typer.Option(None, "--target", help="Class index to explain (default: the predicted class)."),
@@ -86,6 +86,8 @@ def explain_cmd(
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
+    classes: Optional[str] = typer.Option(None, "--classes", help="With --model clip:PATH: the zero-shot classes, a comma list."),
+    prompt: str = typer.Option("a photo of a {}", "--prompt", help="With --classes: the text each class name is written into ({} marks where)."),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class.
 
@@ -105,7 +107,8 @@ def explain_cmd(
     from .visualize import explain_images
 
     explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
-                   pretrained=not random_weights, precision=precision)
+                   pretrained=not random_weights, precision=precision, classes=classes.split(",") if classes else None,
+                   prompt=prompt)
 
 
 def _register_commands():

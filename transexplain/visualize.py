@@ -122,7 +122,7 @@ def _explain_in_chunks(explain, model, batch, method, target, precision, chunk: 
 
 
 def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False,
-                   precision: str = "float64"):
+                   precision: str = "float64", classes=None, prompt: str = "a photo of a {}"):
     """The work behind `tx-bench explain IMAGE...`; the maps are computed in `precision`."""
     import matplotlib
 
@@ -137,7 +137,7 @@ def explain_images(paths, model_spec, method, methods, target, out: Path, crop: 
     notes: list = []
     images = [read_rgb_image(p, notes) for p in paths]  # every input checked before the model loads
     stems = output_stems(paths)
-    loaded = load_model(model_spec, pretrained=pretrained)
+    loaded = load_model(model_spec, pretrained=pretrained, classes=classes, prompt=prompt)
     batch = torch.stack([preprocess(img, loaded.input_size, loaded.mean, loaded.std, crop) for img in images])
     for line in notes:
         print(line)

@@ -119,6 +119,92 @@ def torchvision_vit(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> n
     return _finish(sk, model, mean, std, "torchvision ViT")
 
 
+class ZeroShotHead(nn.Module):
+    """CLIP as a classifier: the image embedding (the visual projection of the pooled class token),
+    L2-normalised, against each class's normalised text embedding, times CLIP's logit scale. The
+    explained score is that scaled cosine similarity, CLIP's own logit.
+
+    The class weights are kept in float64 outside the module's parameters (so a cast of the model
+    to float32 and back cannot round them) and handed out in the dtype and device of the projection.
+    """
+
+    def __init__(self, proj: nn.Linear, text_embeds: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.proj = proj
+        w = torch.nn.functional.normalize(text_embeds.detach().double(), dim=-1) * scale.detach().double().exp()
+        self.class_weights = w.cpu()  # a plain attribute: not cast by .to(dtype)
+
+    @property
+    def classes(self) -> nn.Linear:
+        w = self.proj.weight
+        lin = nn.Linear(self.class_weights.shape[1], self.class_weights.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(self.class_weights.to(device=w.device, dtype=w.dtype), requires_grad=False)
+        return lin
+
+    @staticmethod
+    def normalise(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(z, dim=-1)
+
+    def forward(self, x):
+        return self.classes(self.normalise(self.proj(x)))
+
+
+def _as_buffer(module: nn.Module, name: str, value: torch.Tensor):
+    """Put a view of another parameter (e.g. CLIP's (D,) class embedding as (1, 1, D)) where the
+    skeleton has a parameter: the view shares the original's storage."""
+    delattr(module, name)
+    module.register_buffer(name, value.detach(), persistent=False)  # detached: a leaf, so the view can be deep-copied
+
+
+def clip_vit(model: nn.Module, text_embeds: torch.Tensor, mean=(0.48145466, 0.4578275, 0.40821073),
+             std=(0.26862954, 0.26130258, 0.27577711)) -> nn.Module:
+    """Hugging Face CLIPModel's image tower as a zero-shot classifier over `text_embeds` (one row per
+    class, CLIP's text embeddings of the prompts)."""
+    vm = model.vision_model
+    cfg = model.config.vision_config
+    if cfg.hidden_act not in ("quick_gelu", "gelu"):
+        raise UserError(f"This CLIP image tower uses the {cfg.hidden_act!r} activation: only (quick) GELU towers are supported.")
+    emb = vm.embeddings
+    sk = _skeleton(False, img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.num_channels,
+                   num_classes=text_embeds.shape[0], embed_dim=cfg.hidden_size, depth=cfg.num_hidden_layers,
+                   num_heads=cfg.num_attention_heads, mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+                   qkv_bias=True, pre_norm=True)
+    sk.patch_embed.proj = emb.patch_embedding
+    _as_buffer(sk, "cls_token", emb.class_embedding.view(1, 1, -1))
+    _as_buffer(sk, "pos_embed", emb.position_embedding.weight.unsqueeze(0))
+    sk.norm_pre = vm.pre_layrnorm
+    for blk, layer in zip(sk.blocks, vm.encoder.layers):
+        att = layer.self_attn
+        blk.norm1, blk.norm2 = layer.layer_norm1, layer.layer_norm2
+        blk.attn.qkv, blk.attn.proj = _fused_qkv(att.q_proj, att.k_proj, att.v_proj), att.out_proj
+        blk.mlp.fc1, blk.mlp.act, blk.mlp.fc2 = layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2
+    sk.norm = vm.post_layernorm  # per token, so on every token then the class token = on the pooled one
+    sk.head = ZeroShotHead(model.visual_projection, text_embeds, model.logit_scale)
+    return _finish(sk, model, mean, std, "CLIP")
+
+
+def zero_shot_classifier(model: nn.Module, tokenizer, classes, prompt: str = "a photo of a {}") -> nn.Module:
+    """A CLIPModel as a classifier over `classes`: each class's text embedding is CLIP's embedding of
+    `prompt` with the class name put in, and the logits are CLIP's image-text logits."""
+    classes = [str(c).strip() for c in classes if str(c).strip()]
+    if len(classes) < 2:
+        raise UserError("A CLIP zero-shot classifier needs at least two classes: give them with --classes a,b,...")
+    if "{}" not in prompt:
+        raise UserError(f"The prompt {prompt!r} has no {{}} for the class name: write it like 'a photo of a {{}}'.")
+    import copy
+
+    texts = [prompt.format(c) for c in classes]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    # the text embeddings in float64 (a copy of the text tower), like every other number by default
+    text = copy.deepcopy(nn.ModuleDict({"model": model.text_model, "proj": model.text_projection})).double().cpu().eval()
+    with torch.no_grad():
+        hidden = text["model"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        embeds = text["proj"](hidden.pooler_output)
+    view = clip_vit(model, embeds)
+    view.class_names = classes
+    return view
+
+
 #: class name -> canonizer (torchvision's class is also called VisionTransformer: told apart by module)
 HF_VISION = {"ViTForImageClassification": hf_vit, "DeiTForImageClassification": hf_vit,
              "DeiTForImageClassificationWithTeacher": hf_vit}
@@ -131,4 +217,8 @@ def canonize(model: nn.Module):
         return HF_VISION[name](model)
     if name == "VisionTransformer" and type(model).__module__.startswith("torchvision"):
         return torchvision_vit(model)
+    if name == "CLIPModel":
+        raise UserError("A CLIPModel is not a classifier by itself: make one with "
+                        "transexplain.models.canonizers.zero_shot_classifier(model, tokenizer, classes), "
+                        "or give --model clip:PATH --classes a,b,...")
     return None

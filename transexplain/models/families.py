@@ -49,6 +49,19 @@ def _torchvision_vit():
                              num_classes=3)
 
 
+def _clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    from .canonizers import clip_vit
+
+    config = CLIPConfig(text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=20, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=32), projection_dim=8)
+    return clip_vit(CLIPModel(config), torch.randn(3, 8))
+
+
 def _text(kind):
     def build():
         import transformers
@@ -76,6 +89,7 @@ FAMILIES = {
     "Hugging Face ViT": ("hf:NAME_OR_FOLDER", _hf_vit),
     "Hugging Face DeiT with teacher": ("hf:NAME_OR_FOLDER", _hf_deit_teacher),
     "torchvision ViT": ("torchvision:vit_b_16, ...", _torchvision_vit),
+    "CLIP zero-shot (Hugging Face)": ("clip:NAME_OR_FOLDER --classes a,b", _clip),
     "BERT classifier": ("a local Hugging Face folder (eraser)", _text("bert")),
     "RoBERTa classifier": ("a local Hugging Face folder (eraser)", _text("roberta")),
     "ELECTRA classifier": ("a local Hugging Face folder (eraser)", _text("electra")),

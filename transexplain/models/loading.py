@@ -167,9 +167,11 @@ def cached_weights(spec: str):
 
 
 def load_model(spec: str | None = "embedded", num_classes: int | None = None, pretrained: bool | None = None,
-               random_weights: bool = False) -> LoadedModel:
+               random_weights: bool = False, classes=None, prompt: str = "a photo of a {}") -> LoadedModel:
     """`spec`: 'embedded' (default), 'embedded-swin', a timm model name (also as `timm:NAME`), a
-    checkpoint path, `hf:NAME_OR_FOLDER` (a Hugging Face image classifier) or `torchvision:NAME`.
+    checkpoint path, `hf:NAME_OR_FOLDER` (a Hugging Face image classifier), `torchvision:NAME`, or
+    `clip:NAME_OR_FOLDER` (a Hugging Face CLIPModel as a zero-shot classifier over `classes`, each
+    written into `prompt`).
 
     A timm name loads its pretrained weights from the local cache (never from the network; a
     missing cache entry is a one-line UserError saying how to provide them). `random_weights`
@@ -183,6 +185,10 @@ def load_model(spec: str | None = "embedded", num_classes: int | None = None, pr
     family, sep, rest = spec.partition(":")
     if sep and family in ("hf", "torchvision") and rest:
         return (load_hf_vision if family == "hf" else load_torchvision)(rest, random_weights=random_weights)
+    if sep and family == "clip" and rest:
+        return load_clip(rest, classes, prompt, random_weights=random_weights)
+    if classes:
+        raise UserError("--classes applies to CLIP models only (--model clip:PATH): drop it, or give a CLIP model.")
     if sep and family == "timm" and rest:
         spec = rest
     if spec in EMBEDDED:
@@ -306,3 +312,42 @@ def load_torchvision(name: str, random_weights: bool = False) -> LoadedModel:
     view = _canonical(model, mean, std, what)
     return LoadedModel(model=view, name=what, mean=mean, std=std, input_size=(3, *view.patch_embed.img_size),
                        class_names=names, source=what, weights_hash=weights_hash, weights=label)
+
+
+def load_clip(name: str, classes, prompt: str = "a photo of a {}", random_weights: bool = False) -> LoadedModel:
+    """A Hugging Face CLIPModel (local folder or hub cache) as a zero-shot classifier over `classes`."""
+    import transformers
+
+    from .canonizers import zero_shot_classifier
+
+    what = f"clip:{name}"
+    if isinstance(classes, str):
+        classes = classes.split(",")
+    if not classes:
+        raise UserError(f"{what} is a zero-shot model: name its classes with --classes a,b,... (and optionally --prompt).")
+    try:
+        config = transformers.CLIPConfig.from_pretrained(name, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        raise UserError(f"No CLIP model with a tokenizer at {name!r} (a local folder or the local hub cache): give a folder "
+                        f"holding config.json and the tokenizer files.") from None
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    try:
+        proc = transformers.AutoImageProcessor.from_pretrained(name, local_files_only=True)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no preprocessor_config.json: CLIP's own normalisation
+    if random_weights:
+        model = _random_init(lambda: transformers.CLIPModel._from_config(config))
+        weights_hash = label = "random-init"
+    else:
+        model = transformers.CLIPModel.from_pretrained(name, local_files_only=True)
+        weights_hash, label = "", f"pretrained:{name}"
+        files = sorted(Path(name).glob("*.safetensors")) if Path(name).is_dir() else []
+        if files:
+            weights_hash = _hash_file(files[0])
+    view = zero_shot_classifier(model.float().eval(), tokenizer, classes, prompt)
+    view.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std)}
+    return LoadedModel(model=view, name=what, mean=mean, std=std, input_size=(3, *view.patch_embed.img_size),
+                       class_names=list(view.class_names), source=f"{what} prompt={prompt!r}",
+                       weights_hash=weights_hash, weights=label)

@@ -170,7 +170,11 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         else:
             pooled = tape.move(lambda t: t[:, 0], h)
         pooled = tape.passthrough(m.fc_norm, pooled)
-        return tape.linear(pooled, m.head)
+        head = m.head
+        if hasattr(head, "proj") and hasattr(head, "classes"):  # a CLIP zero-shot head (models/canonizers.py)
+            z = tape.passthrough(head.normalise, tape.linear(pooled, head.proj))
+            return tape.linear(z, head.classes)
+        return tape.linear(pooled, head)
 
     def _block(self, tape: Tape, blk, x, b: int, sink: list | None = None):
         attn = blk.attn
