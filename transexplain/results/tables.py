@@ -19,7 +19,10 @@ METHOD_ORDER = ("rollout", "raw_attention", "gradcam", "full_lrp", "partial_lrp"
                 "generic_attention", "random")
 DISPLAY = {"rollout": "rollout", "raw_attention": "raw attention", "gradcam": "GradCAM", "full_lrp": "LRP",
            "partial_lrp": "partial LRP", "transformer_attribution": "Transformer Attribution",
-           "generic_attention": "generic attention", "random": "random"}
+           "generic_attention": "generic attention", "random": "random", "ln_stats": "ln_stats",
+           "saliency": "saliency", "input_x_gradient": "input × gradient", "integrated_gradients": "integrated gradients",
+           "smoothgrad": "SmoothGrad", "legrad": "LeGrad", "attnlrp": "AttnLRP", "cp_lrp": "CP-LRP", "tokentm": "TokenTM",
+           "bt_h": "BT-H", "bt_t": "BT-T", "attcat": "AttCAT"}
 PAPER_FILE = Path(__file__).resolve().parents[2] / "configs" / "paper.toml"
 FORMATS = ("markdown", "csv", "latex", "json")
 
