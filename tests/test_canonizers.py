@@ -139,3 +139,33 @@ def test_load_hf_folder_and_torchvision_names(tmp_path):
         load_model(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(UserError, match="torchvision has no model"):
         load_model("torchvision:no_such_vit", random_weights=True)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_abs_pos_emb=True, use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                                dict(global_pool="token", init_values=None)], ids=["avg-relpos", "shared-relpos", "token"])
+def test_timm_beit_logits_and_rollout_from_its_own_attention(kw):
+    """BEiT: relative position biases added to the attention logits, q/v biases, layer scale; rollout
+    from the probabilities timm's own (unfused) attention computes."""
+    import timm
+
+    torch.manual_seed(0)
+    model = _spread(timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=16,
+                                      depth=2, num_heads=2, num_classes=5, **kw))
+    probs = []
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop.register_forward_hook(lambda mod, inp, out: probs.append(inp[0].detach()))
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+    adapter = as_adapter(model)
+    with torch.no_grad():
+        assert (adapter.run(x).logits - want).abs().max().item() < 1e-12
+    n = probs[0].shape[-1]
+    eye = torch.eye(n, dtype=torch.float64)
+    joint = eye.expand(2, n, n)
+    for a in probs[1:]:
+        m = a.mean(1) + eye
+        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    row = joint[:, 0] if adapter.pool == "token" else joint[:, 1:].mean(1)
+    assert torch.allclose(explain(model, x, method="rollout").token_map, row[:, 1:].reshape(2, 4, 4), atol=1e-12)

@@ -205,9 +205,65 @@ def zero_shot_classifier(model: nn.Module, tokenizer, classes, prompt: str = "a 
     return view
 
 
+class RelPosBias(nn.Module):
+    """The additive attention bias of a BEiT block: its own relative position bias table, plus the
+    model's shared one when it has one; (1, heads, N, N)."""
+
+    def __init__(self, attn: nn.Module, shared: nn.Module | None):
+        super().__init__()
+        self.attn, self.shared = attn, shared
+
+    def forward(self) -> torch.Tensor:
+        bias = self.attn._get_rel_pos_bias() if self.attn.relative_position_bias_table is not None else 0
+        if self.shared is not None:
+            bias = bias + self.shared()
+        return bias
+
+
+def timm_beit(model: nn.Module) -> nn.Module:
+    """timm's Beit (BEiT, BEiT v2): relative position bias per block (or shared), q and v biases
+    without a k bias, layer scale, class-token or average pooling."""
+    first = model.blocks[0]
+    if type(first.mlp).__name__ != "Mlp":
+        raise UserError(f"This BEiT has a {type(first.mlp).__name__} MLP: only the plain two-layer MLP is supported.")
+    d = model.embed_dim
+    pool = model.global_pool or "token"
+    sk = _skeleton(False, img_size=model.patch_embed.img_size, patch_size=model.patch_embed.patch_size,
+                   in_chans=model.patch_embed.proj.in_channels, num_classes=model.num_classes, embed_dim=d,
+                   depth=len(model.blocks), num_heads=first.attn.num_heads, mlp_ratio=first.mlp.fc1.out_features / d,
+                   qkv_bias=True, init_values=1.0 if first.gamma_1 is not None else None,
+                   global_pool=pool, fc_norm=False)
+    sk.patch_embed.proj = model.patch_embed.proj
+    sk.cls_token = model.cls_token
+    if model.pos_embed is not None:
+        sk.pos_embed = model.pos_embed
+    else:  # relative positions only: an absolute embedding of zeros keeps the ViT layout
+        _as_buffer(sk, "pos_embed", torch.zeros(1, model.patch_embed.num_patches + 1, d, dtype=model.cls_token.dtype,
+                                                device=model.cls_token.device))
+    for blk, src in zip(sk.blocks, model.blocks):
+        a = src.attn
+        blk.norm1, blk.norm2, blk.mlp = src.norm1, src.norm2, src.mlp
+        qkv = nn.Linear(a.qkv.in_features, a.qkv.out_features, bias=True, device=a.qkv.weight.device, dtype=a.qkv.weight.dtype)
+        with torch.no_grad():
+            qkv.weight.copy_(a.qkv.weight)
+            if a.q_bias is not None:
+                qkv.bias.copy_(torch.cat([a.q_bias, torch.zeros_like(a.q_bias) if a.k_bias is None else a.k_bias, a.v_bias]))
+            else:
+                qkv.bias.zero_()
+        blk.attn.qkv = qkv.requires_grad_(False)
+        blk.attn.proj = a.proj
+        blk.attn.scale = a.scale
+        blk.attn.rel_pos = RelPosBias(a, model.rel_pos_bias)
+        if src.gamma_1 is not None:
+            blk.ls1.gamma, blk.ls2.gamma = src.gamma_1, src.gamma_2
+    sk.norm, sk.fc_norm, sk.head = model.norm, model.fc_norm, model.head
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return _finish(sk, model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), "BEiT")
+
+
 #: class name -> canonizer (torchvision's class is also called VisionTransformer: told apart by module)
 HF_VISION = {"ViTForImageClassification": hf_vit, "DeiTForImageClassification": hf_vit,
-             "DeiTForImageClassificationWithTeacher": hf_vit}
+             "DeiTForImageClassificationWithTeacher": hf_vit, "Beit": timm_beit}
 
 
 def canonize(model: nn.Module):

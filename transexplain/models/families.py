@@ -20,6 +20,13 @@ def _timm_deit_distilled():
                              embed_dim=16, depth=1, num_heads=2, num_classes=3)
 
 
+def _timm_beit():
+    import timm
+
+    return timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=16, depth=1,
+                             num_heads=2, num_classes=3)
+
+
 def _timm_swin():
     import timm
 
@@ -85,6 +92,7 @@ FAMILIES = {
     "timm DeiT distilled": ("deit_*_distilled_*", _timm_deit_distilled),
     "timm ViT with registers": ("vit_*_reg4_*", lambda: _timm_vit(reg_tokens=4)),
     "timm ViT, average pooling": ("global_pool='avg' ViTs", lambda: _timm_vit(class_token=False, global_pool="avg")),
+    "timm BEiT": ("beit_*, beitv2_*", _timm_beit),
     "timm Swin": ("swin_*", _timm_swin),
     "Hugging Face ViT": ("hf:NAME_OR_FOLDER", _hf_vit),
     "Hugging Face DeiT with teacher": ("hf:NAME_OR_FOLDER", _hf_deit_teacher),

@@ -191,6 +191,9 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         v = tape.move(part(2), qkv)
         q = tape.passthrough(lambda t: t * attn.scale, q)
         scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
+        rel_pos = getattr(attn, "rel_pos", None)  # BEiT's relative position bias (models/canonizers.py)
+        if rel_pos is not None:
+            scores = tape.add(scores, rel_pos().to(scores.dtype))
         att = tape.softmax(scores)
         out = tape.matmul(att, v, tag=("attn_value", b))
         out = tape.move(lambda t: t.transpose(1, 2).reshape(n_batch, n_tok, heads * head_dim), out)
