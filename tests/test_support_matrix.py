@@ -82,3 +82,12 @@ def test_method_option_all_leaves_out_what_the_architecture_cannot_run(class_tok
         resolve_methods(f"rollout,{class_token_method}", swin)
     assert resolve_methods(f"rollout,{class_token_method}", vit) == ["rollout", class_token_method]
 
+
+def test_docs_models_holds_the_generated_family_matrix():
+    from pathlib import Path
+
+    from transexplain.models.families import matrix_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    block = doc.split("<!-- matrix:begin -->\n", 1)[1].split("<!-- matrix:end -->", 1)[0]
+    assert block == matrix_markdown(), "docs/models.md is out of date: paste `tx-bench methods --models` between the markers"

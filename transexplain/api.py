@@ -51,6 +51,9 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
     if reason:
         raise UserError(reason)
     x = adapter.prepare(images) if hasattr(adapter, "prepare") else check_images(adapter, images)
+    if torch.is_tensor(x) and x.is_floating_point() and not x.requires_grad:
+        # a frozen model (no parameter requires grad) must still give the gradient methods a graph
+        x = x.detach().requires_grad_(True)
     with computing(precision):
         scores, logits, chosen = explainer.scores(adapter, x, target)
     # attention-only methods hand back the target as given (None, an int, a list): settle it here

@@ -201,6 +201,8 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         tape = Tape(record=record)
         sink = [] if sublayers else None  # per layer: each sublayer's tokens before/after (used by tokentm)
         h = self.embed(x)
+        if torch.is_grad_enabled() and not h.requires_grad:  # frozen embeddings: the graph starts here
+            h = h.detach().requires_grad_(True)
         start = h
         dtype = h.dtype
         bias = (1.0 - x.attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
