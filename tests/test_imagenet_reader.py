@@ -119,3 +119,30 @@ def test_bad_paths_are_one_sentence(tmp_path):
         ImageFolderDataset(flat, pre)
     with pytest.raises(UserError, match="labels file .* does not exist"):
         ImageFolderDataset(flat, pre, labels_file=tmp_path / "nope.txt")
+
+
+def test_data_make_imagenet_like_writes_a_folder_the_reader_takes(tmp_path):
+    """`tx-bench data make --imagenet-like N`: 1000 class folders, photo-sized JPEGs, readable as
+    ImageNet (class k % 1000); a second make replaces it, a foreign folder is refused."""
+    from test_vision_cli import tx
+
+    out = tmp_path / "inet"
+    r = tx("data", "make", "--imagenet-like", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "Wrote 3 ImageNet-like JPEGs" in r.stdout
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert len(folders) == 1000
+    files = sorted(out.glob("*/*.JPEG"))
+    assert [f.parent.name for f in files] == ["n00000000", "n00000001", "n00000002"]
+    with Image.open(files[0]) as img:
+        assert img.format == "JPEG" and min(img.size) >= 333
+    ds = ImageFolderDataset(out, Preprocess((16, 16), (0.5,) * 3, (0.5,) * 3), num_classes=1000)
+    assert len(ds) == 3 and [ds.label(i) for i in range(3)] == [0, 1, 2]
+    assert tx("data", "make", "--imagenet-like", 2, "--out", out).returncode == 0
+    assert len(list(out.glob("*/*.JPEG"))) == 2
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    refused = tx("data", "make", "--imagenet-like", 2, "--out", foreign)
+    assert refused.returncode == 2 and "is not an --imagenet-like folder" in refused.stderr
+    assert (foreign / "keep.txt").read_text() == "mine"

@@ -92,9 +92,9 @@ def test_resume_with_another_precision_is_refused_in_one_sentence(fixtures, tmp_
 
 def test_unknown_precision_is_refused(fixtures, tmp_path, run):
     for command in (["perturb", "--data", fixtures["imgs"]], ["segment", "--data", fixtures["seg"]]):
-        r = run(*command, "--method", "rollout", "--model", fixtures["ckpt"], "--precision", "float16",
+        r = run(*command, "--method", "rollout", "--model", fixtures["ckpt"], "--precision", "float8",
                 "--out", tmp_path / "x.h5")
-        assert r.returncode == 2 and "Unknown precision 'float16'" in r.stderr
+        assert r.returncode == 2 and "Unknown precision 'float8'" in r.stderr
         assert not (tmp_path / "x.h5").exists()
     r = run("explain", "--precision", "half", "--model", fixtures["ckpt"], tmp_path / "none.png")
     assert r.returncode == 2 and "Unknown precision 'half'" in r.stderr
@@ -160,3 +160,16 @@ def test_text_commands_take_the_precision(tmp_path, run, monkeypatch):
     assert rep.returncode == 0 and "Environment: precision float32;" in rep.stdout
     again = run("eraser", "--limit", 2, "--method", "rollout", "--no-faithfulness", "--out", out, "--quiet")
     assert again.returncode == 2 and "precision" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_bfloat16_runs_the_forwards_under_autocast_and_is_recorded(fixtures, tmp_path, run):
+    """--precision bfloat16 (perturb): recorded in the file; a gradient method and a relevance method
+    both run (the relevance maps in float32, docs/numerics.md)."""
+    out = tmp_path / "bf16.h5"
+    r = run("perturb", "--data", fixtures["imgs"], "--method", "rollout,transformer_attribution", "--model",
+            fixtures["ckpt"], "--precision", "bfloat16", "--limit", 4, "--out", out, "--quiet", "--save-maps")
+    assert r.returncode == 0, r.stderr
+    assert _config(out)[0]["precision"] == "bfloat16"
+    with h5py.File(out, "r") as f:
+        assert f["transformer_attribution/pred/positive/hits"].shape == (4, 10)
+        assert np.isfinite(f["rollout/pred/map"][:].astype(np.float32)).all()

@@ -24,7 +24,7 @@ app = typer.Typer(
 STATE = {"debug": False}
 
 #: modules under transexplain/commands that add sub-commands with a `register(app)` function
-COMMAND_MODULES = ("data", "vision", "text")
+COMMAND_MODULES = ("data", "vision", "text", "evaluate")
 
 
 def _show_version(value: bool):

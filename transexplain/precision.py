@@ -103,3 +103,34 @@ def adapter_at(model_or_adapter, precision: str | None):
             cached = as_adapter(cast)
         object.__setattr__(cast, "_transexplain_adapter", cached)
     return cached
+
+
+#: the benchmarks' low precisions: the model in float32 with its forwards under `torch.autocast` in
+#: this dtype (the perturbation test's forwards and the gradient methods; see docs/numerics.md)
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: what a benchmark's `--precision` says in its help
+BENCHMARK_HELP = HELP[:-1] + (", or bfloat16 / float16 (the forwards and the gradient methods under autocast, "
+                              "relevance methods in float32; see docs/numerics.md).")
+
+
+def check_benchmark_precision(precision: str | None) -> str:
+    """A benchmark's precision: one of PRECISIONS or of AUTOCAST."""
+    if precision in AUTOCAST:
+        return precision
+    try:
+        return check_precision(precision)
+    except UserError:
+        raise UserError(f"Unknown precision {precision!r}: use float64 (the default: the same numbers on every "
+                        "machine), mixed, float32, or bfloat16 / float16 (fastest on a GPU).") from None
+
+
+def model_precision(precision: str) -> str:
+    """The precision the model's weights are kept in: float32 for an autocast precision."""
+    return "float32" if precision in AUTOCAST else precision
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """torch.autocast in the precision's dtype on `device` for an AUTOCAST precision, else nothing."""
+    if precision not in AUTOCAST:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST[precision])

@@ -106,6 +106,8 @@ def register(app: typer.Typer):
         _say_where_resumed(out, overwrite, methods, len(examples))
         sums = run_eraser(examples, mdl, tok, methods, out, config, batch_size=batch_size, overwrite=overwrite,
                           quiet=quiet, faithfulness=not no_faithfulness, precision=precision, device=device)
+        if sums is None:  # a torchrun rank other than 0: rank 0 merged the shards and reports
+            return
         from .vision import eraser_report
 
         typer.echo(eraser_report(out, "markdown"))  # the table `tx-bench report` prints, as perturb and segment do

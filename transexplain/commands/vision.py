@@ -7,12 +7,14 @@ from typing import List, Optional
 import typer
 
 from ..errors import UserError
-from ..precision import HELP as PRECISION_HELP
+from ..precision import BENCHMARK_HELP as BENCHMARK_PRECISION_HELP
 from ..results.paths import check_output_path
 from .common import resolve_methods
 
 PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
+NUM_WORKERS_HELP = ("Processes that decode and resize the images (0: in the main process); default: this process's "
+                    "share of the CPU cores less one, at most 8. The results do not depend on it.")
 
 
 def check_device(device: str) -> str:
@@ -32,9 +34,9 @@ def model_classes(loaded) -> int:
 
 
 def check_precision_option(precision: str) -> str:
-    from ..precision import check_precision
+    from ..precision import check_benchmark_precision
 
-    return check_precision(precision)
+    return check_benchmark_precision(precision)
 
 
 def checkpoint_identity(loaded) -> tuple:
@@ -76,28 +78,41 @@ def embedded_default(data, key: str, what: str):
 
 
 def run_resumable(out: Path, config: dict, overwrite: bool, quiet: bool, run, device: str = "cpu",
-                  total: int | None = None):
+                  total: int | None = None, shard=None):
     """Open the results file, run (or resume) into it unless it is complete, then print the table.
 
     Printed first: the header line (benchmark, model, weights, data, `total` images), and
-    "Resuming <out> at image N of M." when an unfinished file is picked up.
+    "Resuming <out> at image N of M." when an unfinished file is picked up. Under torchrun (`shard`
+    of several processes) each rank runs its part into its own shard file and rank 0 merges them
+    into `out` (`evaluation.sharding.open_results`); only rank 0 prints.
     """
-    from ..results import ResultStore
+    from ..evaluation.sharding import WHOLE, open_results
     from ..results.environment import collect_environment
-    from ..results.tables import header_line, resuming_line
+    from ..results.tables import header_line
 
     check_output_path(out)
     typer.echo(header_line(config, total))
-    # the store holds the file's write lock until closed: a second writer is refused meanwhile
-    with ResultStore(out, config, overwrite=overwrite,
-                     environment=collect_environment(config.get("precision"), device)) as store:
-        if store.is_complete:
-            typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
-        else:
-            if store.position:
-                typer.echo(resuming_line(out, store.position, total))
-            run(store)
-        finish(store, out, quiet)
+    # a store holds its file's write lock until closed: a second writer is refused meanwhile
+    with open_results(out, config, overwrite, run, shard=shard or WHOLE, device=device, say=typer.echo, total=total,
+                      environment=collect_environment(config.get("precision"), device)) as store:
+        if store is not None:
+            finish(store, out, quiet)
+
+
+def num_workers_option(num_workers: int | None) -> int:
+    """--num-workers, or its default: this process's share of the CPU cores less one (at most 8)."""
+    from ..data.loader import default_workers
+
+    return default_workers() if num_workers is None else num_workers
+
+
+def sharded(device: str, batch_size: int):
+    """(this process's shard, its device): the whole run on `device`, or under torchrun the batches
+    of this rank on its own GPU (`cuda` -> `cuda:LOCAL_RANK`)."""
+    from ..evaluation.sharding import from_environment
+
+    shard = from_environment(block=batch_size)
+    return shard, check_device(shard.device(device))
 
 
 def finish(store, out: Path, quiet: bool):
@@ -140,12 +155,13 @@ def perturb(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images (class-balanced for class folders)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images explained per batch (x9 perturbed copies each)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("float64", "--precision", help=BENCHMARK_PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
     crop: bool = typer.Option(False, "--crop", help="Resize to 256/224 of the input size and center-crop, instead of the paper's plain resize."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """ImageNet perturbation test: accuracy as the most (positive) / least (negative) relevant pixels are removed.
@@ -166,7 +182,8 @@ def perturb(
     if labels is not None and data is None:
         raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
     methods = resolve_methods(method)
-    device = check_device(device)
+    shard, device = sharded(device, batch_size)
+    workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights)
     methods = resolve_methods(method, as_adapter(loaded.model))
@@ -188,7 +205,7 @@ def perturb(
     run_resumable(out, config, overwrite, quiet, lambda store: run_perturbation(
         loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
         batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet,
-        precision=precision), device=device, total=total)
+        precision=precision, num_workers=workers, shard=shard), device=device, total=total, shard=shard)
     if dataset.converted:
         n = len(dataset.converted)
         typer.echo(f"Converted to RGB, as `tx-bench explain` does: {n} image{'s' if n != 1 else ''} "
@@ -202,12 +219,13 @@ def segment(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
+    precision: str = typer.Option("float64", "--precision", help=BENCHMARK_PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
     crop: bool = typer.Option(False, "--crop", help="Not used by this benchmark (the protocol resizes image and mask alike); refused."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """ImageNet-Segmentation: pixel accuracy, mIoU and mAP of mean-thresholded maps against object masks."""
@@ -219,7 +237,8 @@ def segment(
     if crop:
         raise UserError("--crop does not apply to segment (image and mask are both resized to the model input): drop it.")
     methods = resolve_methods(method)
-    device = check_device(device)
+    shard, device = sharded(device, batch_size)
+    workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights)
     methods = resolve_methods(method, as_adapter(loaded.model))
@@ -235,7 +254,8 @@ def segment(
     total = len(seg) if limit is None else min(limit, len(seg))
     run_resumable(out, config, overwrite, quiet, lambda store: run_segmentation(
         loaded, seg, store, methods, limit=limit, batch_size=batch_size, forward_batch=max(256, batch_size),
-        device=device, save_maps=save_maps, quiet=quiet, precision=precision), device=device, total=total)
+        device=device, save_maps=save_maps, quiet=quiet, precision=precision, num_workers=workers, shard=shard),
+        device=device, total=total, shard=shard)
 
 
 def report(
@@ -294,7 +314,30 @@ def eraser_report(path: Path, fmt: str) -> str:
     return text + ("\n" if fmt == "csv" else "\n\n") + notes_under_table(ResultStore(path), "eraser", fmt)
 
 
+def merge(
+    shards: List[Path] = typer.Argument(..., help="Every shard file of one run (<out>.shard-<rank>-of-<world>.h5), e.g. gathered from several machines."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged HDF5 results file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it exists."),
+):
+    """Merge the shard files of a run made by several processes (torchrun) into one results file.
+
+    The per-image records go in image order and every summary is recomputed from them: the file is
+    the one a single process would have written. Shards of other settings, a missing or unfinished
+    shard are refused, naming the files; the shards are only read.
+    """
+    from ..evaluation.sharding import merge_shards
+    from ..results import ResultStore
+    from ..results.tables import report_text
+
+    check_output_path(out)
+    merge_shards(shards, out, overwrite=overwrite)
+    store = ResultStore(out)
+    typer.echo(eraser_report(out, "markdown") if store.benchmark == "eraser" else report_text(out, "markdown"))
+    typer.echo(f"Merged {len(shards)} shards into {out}")
+
+
 def register(app: typer.Typer):
     app.command("perturb")(perturb)
     app.command("segment")(segment)
     app.command("report")(report)
+    app.command("merge")(merge)

@@ -159,3 +159,68 @@ class ImageFolderDataset:
                 return self.preprocess(img)
         except (OSError, ValueError, SyntaxError):  # PIL's decode errors (UnidentifiedImageError is an OSError)
             return None
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+#: (width, height) of the synthetic images: the commonest sizes of ImageNet validation photos
+IMAGENET_SIZES = ((500, 375), (500, 333), (375, 500), (500, 500), (333, 500), (500, 400), (640, 480))
+#: the file that marks a folder as written by `write_imagenet_like` (so that it may be replaced)
+IMAGENET_LIKE_MARKER = ".transexplain-imagenet-like"
+
+
+def imagenet_like_image(k: int, seed: int = 0) -> "np.ndarray":
+    """The k-th synthetic photo: smooth colour fields, a few shapes and sensor-like noise, so that its
+    JPEG has the size (~50-150 kB) and decoding cost of a real one."""
+    rng = np.random.default_rng([seed, k])
+    w, h = IMAGENET_SIZES[int(rng.integers(len(IMAGENET_SIZES)))]
+    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 6))):
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    array = np.asarray(img, dtype=np.int16) + rng.normal(0, 10, (h, w, 3)).astype(np.int16)
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def _write_imagenet_like_chunk(args):
+    from PIL import Image
+
+    root, ks, classes, seed = args
+    sizes = 0
+    for k in ks:
+        path = Path(root) / f"n{k % classes:08d}" / f"ILSVRC2012_val_{k + 1:08d}.JPEG"
+        Image.fromarray(imagenet_like_image(k, seed)).save(path, quality=90)
+        sizes += path.stat().st_size
+    return len(ks), sizes
+
+
+def write_imagenet_like(root, n: int, seed: int = 0, classes: int = 1000, workers: int = 1, progress=None) -> int:
+    """Write `n` synthetic JPEGs into `root`/<class>/ (`classes` folders `n00000000`..., image k in
+    class k % classes), the layout `ImageFolderDataset` reads. Returns the bytes written.
+    The same (n, seed) gives the same pictures; `workers` processes share the writing."""
+    root = Path(root)
+    for c in range(classes):
+        (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+    chunks = [(str(root), range(i, min(n, i + 64)), classes, seed) for i in range(0, n, 64)]
+    total = 0
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for done, size in pool.imap(_write_imagenet_like_chunk, chunks):
+                total += size
+                if progress:
+                    progress(done)
+    else:
+        for chunk in chunks:
+            done, size = _write_imagenet_like_chunk(chunk)
+            total += size
+            if progress:
+                progress(done)
+    (root / IMAGENET_LIKE_MARKER).write_text(f"n={n} seed={seed} classes={classes}\n")
+    return total

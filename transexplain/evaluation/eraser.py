@@ -394,51 +394,71 @@ def summarise(rows: dict) -> dict:
 
 def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_size: int = 8, overwrite: bool = False,
                quiet: bool = False, max_length: int | None = None, faithfulness: bool = True,
-               precision: str = "float64", device: str = "cpu") -> dict:
+               precision: str = "float64", device: str = "cpu", shard=None) -> dict | None:
     """Run every method over `examples`, appending rows to the HDF5 file `out` (resumable).
 
     Returns {method: summary}. The file's root attribute `benchmark` is "eraser"; each method is a
-    group holding one row per document and its summary. precision: "float64" (default), "mixed" or
-    "float32", for the explanations and the comprehensiveness / sufficiency forwards (the model is
-    not modified; `config` is stored as given).
+    group holding one row per document (with the document's `index`) and its summary. precision:
+    "float64" (default), "mixed" or "float32", for the explanations and the comprehensiveness /
+    sufficiency forwards (the model is not modified; `config` is stored as given).
+    shard: the documents this process takes (`evaluation.sharding.Shard`; by default what torchrun
+    says, else all): under torchrun each rank writes a shard of `out` and rank 0 merges them into
+    `out`; the other ranks return None.
     """
     from tqdm import tqdm
 
+    from .. import interrupt
     from ..models.text import TextAdapter
     from ..precision import check_precision
-    from ..results.store import ResultStore
+    from .perturbation import maybe_kill
+    from .sharding import from_environment, is_main_process, open_results
 
-    from .. import interrupt
-
+    shard = from_environment(block=batch_size) if shard is None else shard
+    device = shard.device(device)
     precision = check_precision(precision)
     adapter = TextAdapter(model.to(device), tokenizer)
     max_length = max_length or min(adapter.max_length, 512)
     gold_lengths = [len(e.evidence_tokens) for e in examples if e.evidences]
     rationale_k = max(1, int(round(float(np.mean(gold_lengths))))) if gold_lengths else 1
-    store = ResultStore(out, {**config, "benchmark": "eraser", "max_length": max_length,
-                              "rationale_k": rationale_k}, overwrite=overwrite, benchmark="eraser")
-    summaries = {}
-    from .perturbation import maybe_kill
+    part = [(i, examples[i]) for i in shard.indices(len(examples))]
 
-    total = len(methods) * len(examples)
-    batches_done = 0
-    for mi, method in enumerate(methods):
-        start = store.done(method)
-        interrupt.progress(mi * len(examples) + start, total, "documents")
-        bar = tqdm(total=len(examples), initial=start, desc=method, disable=quiet or not sys.stderr.isatty(), leave=False)
-        for i in range(start, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            store.append(method, evaluate_batch(adapter, tokenizer, chunk, method, max_length, rationale_k, faithfulness,
-                                                precision=precision))
-            interrupt.progress(mi * len(examples) + i + len(chunk), total, "documents")
-            batches_done += 1
-            maybe_kill(batches_done)
-            bar.update(len(chunk))
-        bar.close()
-        rows = {name: store.read(method, name) for name in store.names(method)}
-        summaries[method] = summarise(rows)
+    def run(store):
+        total = len(methods) * len(part)
+        batches_done = 0
+        for mi, method in enumerate(methods):
+            start = store.done(method)
+            interrupt.progress(mi * len(part) + start, total, "documents")
+            bar = tqdm(total=len(part), initial=start, desc=method, leave=False,
+                       disable=quiet or not sys.stderr.isatty() or not is_main_process())
+            for i in range(start, len(part), batch_size):
+                chunk = part[i:i + batch_size]
+                rows = evaluate_batch(adapter, tokenizer, [e for _, e in chunk], method, max_length, rationale_k,
+                                      faithfulness, precision=precision)
+                store.append(method, {"index": np.array([j for j, _ in chunk], dtype=np.int64), **rows})
+                interrupt.progress(mi * len(part) + i + len(chunk), total, "documents")
+                batches_done += 1
+                maybe_kill(batches_done)
+                bar.update(len(chunk))
+            bar.close()
+
+    full_config = {**config, "benchmark": "eraser", "max_length": max_length, "rationale_k": rationale_k}
+    with open_results(out, full_config, overwrite, run, shard=shard, device=device, say=lambda line: None,
+                      total=len(examples), unit="documents") as store:
+        if store is None:
+            return None
+        summaries = summarise_stored(store, methods)
+        store.mark_complete()
+    return summaries
+
+
+def summarise_stored(store, methods=None) -> dict:
+    """Every method's summary recomputed from its per-document rows and written on its group
+    (`methods`: by default those of the store's config)."""
+    summaries = {}
+    for method in methods or store.config.get("methods") or []:
+        rows = {name: store.read(method, name) for name in store.names(method)} if store.done(method) else {}
+        summaries[method] = summarise(rows) if rows else {"documents": 0}
         store.set_summary(method, summaries[method])
-    store.mark_complete()
     return summaries
 
 

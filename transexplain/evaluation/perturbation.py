@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ TESTS = ("positive", "negative")
 TARGETS = ("pred", "true")
 #: test hook: after this many committed batches the runner SIGKILLs itself (resume tests)
 KILL_ENV = "TX_BENCH_KILL_AFTER_BATCH"
+#: test hook: the torchrun rank that the kill hook applies to (all when unset)
+KILL_RANK_ENV = "TX_BENCH_KILL_RANK"
 
 
 def removal_masks(heatmaps: torch.Tensor, positive: bool, steps=PERTURBATION_STEPS) -> torch.Tensor:
@@ -69,81 +72,114 @@ def perturbation_hits(model, x, heatmaps, labels, fill, positive: bool, forward_
     return torch.cat(hits)
 
 
-def batches(dataset, start: int, stop: int, batch_size: int):
-    """Yield (indices, images, labels, names, skipped) over dataset[start:stop]; undecodable images skipped."""
-    i = start
-    while i < stop:
-        end = min(stop, i + batch_size)
-        images, idx, names, labels, skipped = [], [], [], [], []
-        for j in range(i, end):
-            img = dataset.load(j)
-            if img is None:
-                skipped.append((j, dataset.name(j)))
-                continue
-            images.append(img)
-            idx.append(j)
-            names.append(dataset.name(j))
-            labels.append(dataset.label(j))
-        yield end, idx, images, labels, names, skipped
-        i = end
-
-
 def progress_bar(total: int, initial: int, quiet: bool, desc: str):
+    """A tqdm bar with images/s and the ETA; off with --quiet, when stderr is not a terminal, and on
+    every rank of a sharded run but the first (whose part stands for the whole run's pace)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="img", disable=quiet or not sys.stderr.isatty())
+    from .sharding import is_main_process
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="img", dynamic_ncols=True,
+                disable=quiet or not sys.stderr.isatty() or not is_main_process())
 
 
 def maybe_kill(batches_done: int):
-    """SIGKILL this process after the number of batches named in $TX_BENCH_KILL_AFTER_BATCH (tests)."""
+    """SIGKILL this process after the number of batches named in $TX_BENCH_KILL_AFTER_BATCH (tests);
+    with $TX_BENCH_KILL_RANK set, only in the torchrun rank it names."""
     limit = os.environ.get(KILL_ENV)
+    rank = os.environ.get(KILL_RANK_ENV)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if limit and batches_done >= int(limit):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def explain_maps(adapter, x, method: str, target, precision: str, options: dict | None = None) -> torch.Tensor:
+    """(B, H, W) heatmaps of `method` in the run's `precision`. For bfloat16 / float16 the model is in
+    float32 and a gradient or attention method runs under autocast; a relevance method (one that
+    needs a relevance pass) runs in float32: the LRP rules do not run under autocast, and float32
+    already moves their maps (docs/numerics.md). The maps then come back in float32."""
+    from .. import explain
+    from ..explainers import get_method
+    from ..precision import AUTOCAST, autocast, model_precision
+
+    low = precision in AUTOCAST
+    amp = low and "relevance" not in get_method(method).needs
+    with autocast(precision if amp else "float32", x.device):
+        maps = explain(adapter, x, method=method, target=target, precision=model_precision(precision),
+                       **(options or {})).heatmap
+    return maps.float() if low else maps
+
+
+def batches(dataset, store, shard, limit, batch_size: int, num_workers: int, device: str):
+    """(loader, done, todo): the `BatchLoader` over this shard's part of dataset[:limit] not yet in
+    `store`, how many of the part are done, and how many there are in all."""
+    from ..data.loader import BatchLoader
+    from .sharding import WHOLE
+
+    stop = len(dataset) if limit is None else min(limit, len(dataset))
+    part = (shard or WHOLE).indices(stop)
+    done = store.position
+    loader = BatchLoader(dataset, part[done:], batch_size, num_workers=num_workers,
+                         pin_memory=str(device).startswith("cuda"), position=done)
+    return loader, done, len(part)
+
+
+def record_timings(timings: dict | None, loader, images: int, t0: float):
+    """Fill `timings` (when given) with the wall time, the time spent waiting for data, and the images."""
+    if timings is not None:
+        timings.update(total_s=time.perf_counter() - t0, load_s=loader.load_s, images=images)
 
 
 def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pred",), limit=None,
                      batch_size: int = 32, forward_batch: int = 256, device: str = "cpu",
                      save_maps: bool = False, quiet: bool = False, precision: str = "float64",
-                     method_options: dict | None = None) -> dict:
+                     method_options: dict | None = None, num_workers: int = 0, shard=None,
+                     timings: dict | None = None) -> dict:
     """Run the perturbation test for every method, test and target; resume from `store`'s commit.
 
     loaded: a `LoadedModel`; dataset: an `ImageFolderDataset`; store: a `ResultStore` whose config
     describes this run. Returns the summaries {"method/target/test": {"curve", "auc", "n"}}.
-    Groups written: `clean` (index, name, label, pred, hit), `<method>/<target>` (target; map
-    when save_maps), `<method>/<target>/<test>` (hits: (N, 10) bool, step 0 = clean image),
-    `skipped` (index, name).
-    precision: "float64" (default), "mixed" or "float32": every forward (clean and perturbed) and every
-    explanation runs in it, on a cast copy of the model (`transexplain.precision.at_precision`).
+    Groups written, every row with its image's `index`: `clean` (index, name, label, pred, hit),
+    `<method>/<target>` (target; map when save_maps), `<method>/<target>/<test>` (hits: (N, 10)
+    bool, step 0 = clean image), `skipped` (index, name).
+    precision: "float64" (default), "mixed", "float32" (every forward and explanation, on a cast
+    copy of the model: `transexplain.precision.at_precision`), or "bfloat16" / "float16" (see
+    `transexplain.precision`). num_workers: decoding processes (`data.loader`); shard: the part of
+    the images this process takes (`evaluation.sharding.Shard`; all of them by default).
+    timings: filled with total_s, load_s and images when given.
     """
-    from .. import explain
-    from ..explainers import get_method
     from ..data.imagenet import Preprocess
-    from ..precision import PRECISIONS, adapter_at, at_precision, check_precision
+    from ..explainers import get_method
+    from ..precision import PRECISIONS, adapter_at, at_precision, autocast, check_benchmark_precision, model_precision
 
-    precision = check_precision(precision)
-    model = at_precision(loaded.model.to(device).eval(), precision)
-    adapter = adapter_at(model, precision)
-    dtype = PRECISIONS[precision]
+    t0 = time.perf_counter()
+    precision = check_benchmark_precision(precision)
+    model = at_precision(loaded.model.to(device).eval(), model_precision(precision))
+    adapter = adapter_at(model, model_precision(precision))
+    dtype = PRECISIONS[model_precision(precision)]
     fill = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std).fill.to(device)
-    stop = len(dataset) if limit is None else min(limit, len(dataset))
-    start = store.position
+    loader, start, stop = batches(dataset, store, shard, limit, batch_size, num_workers, device)
     batches_done = 0
     bar = progress_bar(stop, start, quiet, "perturbation")
     interrupt.progress(start, stop)
-    for end, idx, images, labels, names, skipped in batches(dataset, start, stop, batch_size):
+    for batch in loader:
         rows = {}
-        if skipped:
-            rows["skipped"] = {"index": np.array([s[0] for s in skipped], dtype=np.int64),
-                               "name": np.array([s[1] for s in skipped], dtype=object)}
-        if images:
-            x = torch.stack(images).to(device=device, dtype=dtype)
-            y = torch.tensor(labels, dtype=torch.long, device=device)
-            pred = predict(model, x, forward_batch)
+        if batch.skipped:
+            rows["skipped"] = {"index": np.array(batch.skipped, dtype=np.int64),
+                               "name": np.array([dataset.name(j) for j in batch.skipped], dtype=object)}
+        if batch.indices:
+            idx = np.array(batch.indices, dtype=np.int64)
+            x = batch.items.to(device=device, dtype=dtype, non_blocking=True)
+            y = torch.tensor([dataset.label(j) for j in batch.indices], dtype=torch.long, device=device)
+            with autocast(precision, device):
+                pred = predict(model, x, forward_batch)
             clean_hit = pred == y
-            rows["clean"] = {"index": np.array(idx, dtype=np.int64), "name": np.array(names, dtype=object),
+            rows["clean"] = {"index": idx, "name": np.array([dataset.name(j) for j in batch.indices], dtype=object),
                              "label": y.cpu().numpy(), "pred": pred.cpu().numpy(), "hit": clean_hit.cpu().numpy()}
             for method in methods:
                 class_specific = get_method(method).class_specific
+                options = (method_options or {}).get(method, {})
                 pred_maps, pred_hits = None, {}
                 for target in targets:
                     wanted = pred if target == "pred" else y
@@ -155,32 +191,39 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
                         hits = {test: h.clone() for test, h in pred_hits.items()}
                         if redo.any():
                             sub = redo.nonzero().squeeze(1)
-                            maps[sub] = explain(adapter, x[sub], method=method, target=y[sub], precision=precision,
-                                  **(method_options or {}).get(method, {})).heatmap.to(maps)
+                            maps[sub] = explain_maps(adapter, x[sub], method, y[sub], precision, options).to(maps)
                             for test in tests:
-                                hits[test][sub] = perturbation_hits(model, x[sub], maps[sub], y[sub], fill,
-                                                                    test == "positive", forward_batch)
+                                with autocast(precision, device):
+                                    hits[test][sub] = perturbation_hits(model, x[sub], maps[sub], y[sub], fill,
+                                                                        test == "positive", forward_batch)
                     else:
-                        maps = explain(adapter, x, method=method, target=wanted, precision=precision,
-                                  **(method_options or {}).get(method, {})).heatmap
-                        hits = {test: perturbation_hits(model, x, maps, y, fill, test == "positive", forward_batch)
-                                for test in tests}
+                        maps = explain_maps(adapter, x, method, wanted, precision, options)
+                        with autocast(precision, device):
+                            hits = {test: perturbation_hits(model, x, maps, y, fill, test == "positive", forward_batch)
+                                    for test in tests}
                     if target == "pred":
                         pred_maps, pred_hits = maps, hits
                     group = f"{method}/{target}"
-                    rows[group] = {"target": wanted.cpu().numpy()}
+                    rows[group] = {"index": idx, "target": wanted.cpu().numpy()}
                     if save_maps:
-                        rows[group]["map"] = maps.detach().cpu().numpy().astype(np.float16)
+                        rows[group]["map"] = maps.detach().float().cpu().numpy().astype(np.float16)
                     for test in tests:
                         full = torch.cat([clean_hit.view(-1, 1), hits[test]], dim=1)
-                        rows[f"{group}/{test}"] = {"hits": full.cpu().numpy()}
-        store.write_batch(rows, position=end)
-        interrupt.progress(end, stop)
+                        rows[f"{group}/{test}"] = {"index": idx, "hits": full.cpu().numpy()}
+        store.write_batch(rows, position=batch.position)
+        interrupt.progress(batch.position, stop)
         batches_done += 1
-        bar.update(end - bar.n)
+        bar.update(batch.position - bar.n)
         maybe_kill(batches_done)
     bar.close()
+    record_timings(timings, loader, stop - start, t0)
     return summarise(store, methods, tests, targets)
+
+
+def summarise_stored(store) -> dict:
+    """`summarise` with the methods, tests and targets of the store's own config (merging shards)."""
+    config = store.config
+    return summarise(store, config["methods"], tuple(config["tests"]), tuple(config["targets"]))
 
 
 def summarise(store, methods, tests, targets) -> dict:

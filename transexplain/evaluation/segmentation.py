@@ -8,13 +8,14 @@ be re-scored.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
-import torch
 
 from .. import interrupt
 from .metrics import (average_precision, intersection_union, mean_average_precision, mean_iou, pixel_accuracy,
                       pixel_counts, threshold_at_mean)
-from .perturbation import maybe_kill, predict, progress_bar
+from .perturbation import batches, explain_maps, maybe_kill, predict, progress_bar, record_timings
 
 
 class SegmentationData:
@@ -58,51 +59,58 @@ def segmentation_rows(maps: np.ndarray, masks: np.ndarray) -> dict:
 def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None, batch_size: int = 32,
                      forward_batch: int = 256, device: str = "cpu", save_maps: bool = False,
                      quiet: bool = False, precision: str = "float64",
-                     method_options: dict | None = None) -> dict:
+                     method_options: dict | None = None, num_workers: int = 0, shard=None,
+                     timings: dict | None = None) -> dict:
     """Explain the predicted class of every image with every method and score the maps.
 
-    Groups: `images` (index, pred), `<method>` (correct, labeled, inter, union, ap [, map]),
-    `skipped` (index, name). Returns {method: {"pixel_accuracy", "miou", "map", "n"}} (percent).
-    precision: "float64" (default), "mixed" or "float32", for the forwards and the explanations alike.
+    Groups, every row with its image's `index`: `images` (index, pred), `<method>` (index, correct,
+    labeled, inter, union, ap [, map]), `skipped` (index, name). Returns {method: {"pixel_accuracy",
+    "miou", "map", "n"}} (percent). precision: as for `run_perturbation`, for the forwards and the
+    explanations alike; num_workers, shard, timings: as for `run_perturbation`.
     """
-    from .. import explain
-    from ..precision import PRECISIONS, adapter_at, at_precision, check_precision
+    from ..precision import PRECISIONS, adapter_at, at_precision, autocast, check_benchmark_precision, model_precision
 
-    precision = check_precision(precision)
-    model = at_precision(loaded.model.to(device).eval(), precision)
-    adapter = adapter_at(model, precision)
-    dtype = PRECISIONS[precision]
-    stop = len(data) if limit is None else min(limit, len(data))
-    start = store.position
+    t0 = time.perf_counter()
+    precision = check_benchmark_precision(precision)
+    model = at_precision(loaded.model.to(device).eval(), model_precision(precision))
+    adapter = adapter_at(model, model_precision(precision))
+    dtype = PRECISIONS[model_precision(precision)]
+    loader, start, stop = batches(data, store, shard, limit, batch_size, num_workers, device)
     batches_done = 0
     bar = progress_bar(stop, start, quiet, "segmentation")
     interrupt.progress(start, stop)
-    for i in range(start, stop, batch_size):
-        end = min(stop, i + batch_size)
-        loaded_items = [(j, data.load(j)) for j in range(i, end)]
-        good = [(j, item) for j, item in loaded_items if item is not None]
-        bad = [j for j, item in loaded_items if item is None]
+    for batch in loader:
         rows = {}
-        if bad:
-            rows["skipped"] = {"index": np.array(bad, dtype=np.int64), "name": np.array([data.name(j) for j in bad], dtype=object)}
-        if good:
-            x = torch.stack([item[0] for _, item in good]).to(device=device, dtype=dtype)
-            masks = np.stack([item[1] for _, item in good])
-            pred = predict(model, x, forward_batch)
-            rows["images"] = {"index": np.array([j for j, _ in good], dtype=np.int64), "pred": pred.cpu().numpy()}
+        if batch.skipped:
+            rows["skipped"] = {"index": np.array(batch.skipped, dtype=np.int64),
+                               "name": np.array([data.name(j) for j in batch.skipped], dtype=object)}
+        if batch.indices:
+            idx = np.array(batch.indices, dtype=np.int64)
+            images, masks = batch.items
+            x = images.to(device=device, dtype=dtype, non_blocking=True)
+            masks = masks.numpy()
+            with autocast(precision, device):
+                pred = predict(model, x, forward_batch)
+            rows["images"] = {"index": idx, "pred": pred.cpu().numpy()}
             for method in methods:
-                maps = explain(adapter, x, method=method, target=pred, precision=precision,
-                                  **(method_options or {}).get(method, {})).heatmap.detach().float().cpu().numpy()
-                rows[method] = segmentation_rows(maps, masks)
+                maps = explain_maps(adapter, x, method, pred, precision,
+                                    (method_options or {}).get(method, {})).detach().float().cpu().numpy()
+                rows[method] = {"index": idx, **segmentation_rows(maps, masks)}
                 if save_maps:
                     rows[method]["map"] = maps.astype(np.float16)
-        store.write_batch(rows, position=end)
-        interrupt.progress(end, stop)
+        store.write_batch(rows, position=batch.position)
+        interrupt.progress(batch.position, stop)
         batches_done += 1
-        bar.update(end - bar.n)
+        bar.update(batch.position - bar.n)
         maybe_kill(batches_done)
     bar.close()
+    record_timings(timings, loader, stop - start, t0)
     return summarise(store, methods)
+
+
+def summarise_stored(store) -> dict:
+    """`summarise` with the methods of the store's own config (merging shards)."""
+    return summarise(store, store.config["methods"])
 
 
 def summarise(store, methods) -> dict:

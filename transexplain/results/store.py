@@ -394,6 +394,15 @@ class ResultStore:
                 return []
             return sorted(k for k, v in f[group].items() if isinstance(v, h5py.Group))
 
+    def row_groups(self) -> list[str]:
+        """Every group (at any depth) that holds rows, by full name ("rollout/pred/positive"), sorted."""
+        import h5py
+
+        found = []
+        with self._open("r") as f:
+            f.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Group) and "rows" in obj.attrs else None)
+        return sorted(found)
+
     def names(self, group: str) -> list[str]:
         """Dataset names directly under `group`."""
         import h5py

@@ -1,4 +1,4 @@
-"""Benchmark metrics as pure functions on arrays: no model, no I/O.
+"""The paper's two protocols as pure functions on arrays: no model, no I/O.
 
 Perturbation (Chefer et al. 2021, Sec. 4): accuracy after removing a growing fraction of pixels,
 summarised by the area under that curve. Segmentation (ImageNet-Segmentation): a relevance map

@@ -1,0 +1,89 @@
+"""Helpers every metric family shares: removal orders, step counts, degenerate maps."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def as_tensor(a, dtype=torch.float64) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)
+
+
+def step_counts(num_pixels: int, steps: int) -> list[int]:
+    """Pixels changed at each of the ``steps + 1`` points of a curve: ``floor(num_pixels * k / steps)``,
+    k = 0..steps, in integer arithmetic (so 0 first and every pixel last, with no rounding surprise)."""
+    if steps < 1:
+        raise ValueError(f"a curve needs at least one step, got {steps}")
+    return [num_pixels * k // steps for k in range(steps + 1)]
+
+
+def fraction_counts(num_pixels: int, fractions) -> list[int]:
+    """Pixels changed at each fraction: ``int(num_pixels * f)`` (truncation, as the paper's protocol)."""
+    return [int(num_pixels * float(f) + 1e-9) for f in fractions]
+
+
+def removal_rank(maps: torch.Tensor, most_first: bool = True) -> torch.Tensor:
+    """(B, H, W) maps -> (B, H, W) int64: each pixel's position in the removal order.
+
+    Most relevant first (``most_first``) or least relevant first; equal values go in increasing flat
+    (row-major) index, in both orders (a stable sort), as the paper's perturbation test does.
+    """
+    b, h, w = maps.shape
+    flat = maps.reshape(b, h * w)
+    order = torch.argsort(flat, dim=1, descending=most_first, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w, device=flat.device).expand(b, -1).contiguous())
+    return rank.reshape(b, h, w)
+
+
+def first_k_masks(maps: torch.Tensor, counts, most_first: bool = True) -> torch.Tensor:
+    """(B, H, W) maps, S counts -> (B, S, H, W) bool: True on the first ``counts[s]`` pixels of the order."""
+    rank = removal_rank(maps, most_first)
+    counts = torch.as_tensor(list(counts), device=maps.device).view(1, -1, 1, 1)
+    return rank.unsqueeze(1) < counts
+
+
+def degenerate(maps) -> np.ndarray:
+    """(B, ...) -> (B,) bool: the map is constant (max == min, or empty), so it ranks nothing.
+
+    Every ranking or localisation metric records NaN for such a map; summaries count the NaNs
+    (`nan_summary`) instead of averaging them away.
+    """
+    a = np.asarray(maps.detach().cpu() if isinstance(maps, torch.Tensor) else maps, dtype=np.float64)
+    flat = a.reshape(len(a), -1)
+    if flat.shape[1] == 0:
+        return np.ones(len(a), dtype=bool)
+    return flat.max(1) == flat.min(1)
+
+
+def with_nan(values, bad) -> np.ndarray:
+    """values as float64 with NaN where ``bad``."""
+    values = np.array(values, dtype=np.float64, copy=True)
+    values[np.asarray(bad, dtype=bool)] = np.nan
+    return values
+
+
+def nan_summary(values) -> dict:
+    """Mean over the finite values, with how many were NaN: ``{"mean", "n", "nan"}`` (mean NaN when none)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(v)
+    return {"mean": float(v[finite].mean()) if finite.any() else float("nan"), "n": int(finite.sum()),
+            "nan": int((~finite).sum())}
+
+
+def with_fill(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) images, (B, S, H, W) masks, fill broadcastable to (B, S, C, H, W) -> (B, S, C, H, W)
+    copies with ``fill`` where the mask is True."""
+    return torch.where(masks.unsqueeze(2), fill, x.unsqueeze(1))
+
+
+def noise(shape, generator=None, kind: str = "randn") -> torch.Tensor:
+    """(B, ...) float64 noise drawn on the CPU. `generator`: one torch.Generator for the whole batch,
+    or a list of one generator per sample, each sample's slice drawn from its own (then a sample's
+    noise depends on that sample alone: the same whatever the batch it is in)."""
+    draw = torch.randn if kind == "randn" else torch.rand
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([draw(tuple(shape[1:]), generator=g, dtype=torch.float64) for g in generator])
+    return draw(tuple(shape), generator=generator, dtype=torch.float64)

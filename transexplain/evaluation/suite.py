@@ -1,0 +1,303 @@
+"""The metric-suite runner: explain once, build every metric's perturbed inputs, run their forwards
+in shared batches, hand the probabilities to the pure metric functions, store per-image raw values.
+
+Metrics are pure functions (`evaluation.metrics`); this module is the only place that touches the
+model: the clean forward, the explanations, one pooled forward pass over the perturbed copies of
+every metric of a method (chunks of `forward_batch` inputs, copies of all metrics mixed), the
+explanations of perturbed inputs (max-sensitivity) and of the cascading randomised models
+(randomisation). The explained class is the model's prediction on the clean image.
+
+Store layout (`results.store.ResultStore`, resumable batch by batch, one writer):
+`images` (index, name, label, pred, p_clean), `<method>/<metric>` (value: (N,) float64, NaN where
+the metric is undefined for that image; curve metrics also `curve`, ROAD also `hits`,
+randomisation also `per_stage`), `skipped` (index, name). Summaries (mean over finite values, n,
+nan count) are recomputed from those rows.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from .. import interrupt
+from .metrics import METRICS, curves, localisation, road, robustness, saco, sanity
+from .metrics._common import nan_summary
+from .perturbation import maybe_kill, progress_bar
+
+#: protocol options of the suite (recorded in the results file's config)
+DEFAULT_OPTIONS = {
+    "curve_steps": curves.STEPS, "deletion_fill": "black", "mif_fill": "mean", "blur": [11, 5.0],
+    "road_fractions": list(road.FRACTIONS), "road_noise": 0.01, "saco_groups": saco.GROUPS,
+    "infidelity_sigma": robustness.INFIDELITY_SIGMA, "infidelity_samples": robustness.INFIDELITY_SAMPLES,
+    "sensitivity_radius": robustness.SENSITIVITY_RADIUS, "sensitivity_samples": robustness.SENSITIVITY_SAMPLES,
+    "seed": 0, "target": "pred",
+}
+
+
+def forwards_per_image(metrics, options=DEFAULT_OPTIONS) -> dict:
+    """{metric: the perturbed forwards it needs per image and method} (shared copies counted once, by the first)."""
+    s = options["curve_steps"] + 1
+    need = {"insertion": ("ins", s), "deletion": ("del", s), "mif": ("morf", s), "aopc": ("morf", s),
+            "lif": ("lerf", s), "srg": ("morf+lerf", 2 * s), "abpc": ("morf+lerf", 2 * s),
+            "road_morf": ("road_morf", len(options["road_fractions"])),
+            "road_lerf": ("road_lerf", len(options["road_fractions"])),
+            "saco": ("saco", options["saco_groups"]), "infidelity": ("inf", options["infidelity_samples"])}
+    return {m: need[m][1] if m in need else 0 for m in metrics}
+
+
+def cascading_stages(model) -> list:
+    """[(name, module)] from the top: the classifier head, then the Transformer blocks from the last
+    to the first, then the patch embedding (those the model has)."""
+    stages = []
+    head = getattr(model, "head", None)
+    if isinstance(head, torch.nn.Module) and any(True for _ in head.parameters()):
+        stages.append(("head", head))
+    named = [n for n, m in model.named_modules() if n and type(m).__name__.endswith("Block")]
+    outer = [n for n in named if not any(n.startswith(o + ".") for o in named)]  # blocks inside blocks are parts
+    modules = dict(model.named_modules())
+    stages += [(n, modules[n]) for n in reversed(outer)]
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, torch.nn.Module):
+        stages.append(("patch_embed", embed))
+    return stages
+
+
+def cascading_randomisation(model, seed: int = 0) -> list:
+    """[(stage name, model copy)]: copy k has stages 0..k re-initialised (each sub-module's own
+    `reset_parameters`, seeded per stage), from the top down (Adebayo et al. 2018, cascading)."""
+    current = copy.deepcopy(model)
+    out = []
+    for k, (name, _) in enumerate(cascading_stages(model)):
+        module = dict(current.named_modules())[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + k)
+            for sub in module.modules():
+                if hasattr(sub, "reset_parameters"):
+                    sub.reset_parameters()
+        out.append((name, copy.deepcopy(current)))
+    return out
+
+
+def _probs(model, inputs: torch.Tensor, target: torch.Tensor, forward_batch: int):
+    """Probabilities of `target` (one per input) and argmax predictions, in chunks."""
+    p, a = [], []
+    with torch.no_grad():
+        for i in range(0, len(inputs), forward_batch):
+            prob = torch.softmax(model(inputs[i:i + forward_batch]), -1)
+            p.append(prob.gather(1, target[i:i + forward_batch].view(-1, 1))[:, 0])
+            a.append(prob.argmax(-1))
+    return torch.cat(p).double().cpu().numpy(), torch.cat(a).cpu().numpy()
+
+
+def per_image_generators(seed: int, indices, method: str):
+    """`noise_for(metric)` -> one torch.Generator per image, seeded by the run's seed, the image's
+    index in the data, the method and the metric: each image's noise is the same whatever the batch
+    size, the other methods and metrics of the run, or where a resumed run starts."""
+    import zlib
+
+    def noise_for(metric: str) -> list:
+        tag = zlib.crc32(f"{method}/{metric}".encode())
+        return [torch.Generator().manual_seed((seed * 1_000_003 + int(j)) * 2_654_435_761 % 2**61 ^ tag) for j in indices]
+
+    return noise_for
+
+
+def _copies(x, maps, metrics, opts, fill_black, noise_for):
+    """{key: (B, S, C, H, W)} the perturbed copies the chosen metrics need (shared keys built once)."""
+    steps = opts["curve_steps"]
+    want = set(metrics)
+    out = {}
+    if "insertion" in want:
+        blurred = curves.gaussian_blur(x, int(opts["blur"][0]), float(opts["blur"][1]))
+        out["ins"] = curves.insertion_inputs(x, maps, blurred, steps)
+    if "deletion" in want:
+        out["del"] = curves.deletion_inputs(x, maps, fill_black, steps, True)
+    fill = curves.mean_fill(x) if opts["mif_fill"] == "mean" else fill_black
+    if want & {"mif", "aopc", "srg", "abpc"}:
+        out["morf"] = curves.deletion_inputs(x, maps, fill, steps, True)
+    if want & {"lif", "srg", "abpc"}:
+        out["lerf"] = curves.deletion_inputs(x, maps, fill, steps, False)
+    for name, most in (("road_morf", True), ("road_lerf", False)):
+        if name in want:
+            out[name] = road.road_inputs(x, maps, opts["road_fractions"], most, opts["road_noise"], noise_for(name))
+    if "saco" in want:
+        out["saco"] = saco.saco_inputs(x, saco.saco_groups(maps, opts["saco_groups"]))
+    if "infidelity" in want:
+        pert = robustness.infidelity_perturbations(x, opts["infidelity_samples"], opts["infidelity_sigma"],
+                                                   noise_for("infidelity"))
+        out["inf_pert"] = pert
+        out["inf"] = robustness.infidelity_inputs(x, pert)
+    return out
+
+
+def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill_black, forward_batch,
+                 noise_for, randomised=()) -> dict:
+    """Every chosen metric of one method on one batch: {metric: {"value": (B,), ...}}; `noise_for(metric)`
+    gives the per-image generators of a metric's random draws (`per_image_generators`)."""
+    maps = explain_fn(model, x, pred).to(torch.float64)
+    maps_np = maps.detach().cpu().numpy()
+    b = len(x)
+    copies = _copies(x, maps.to(x.device), metrics, opts, fill_black, noise_for)
+    pert = copies.pop("inf_pert", None)
+    keys = list(copies)
+    probs, hits = {}, {}
+    if keys:
+        sizes = [copies[k].shape[1] for k in keys]
+        flat = torch.cat([copies[k].reshape(-1, *x.shape[1:]) for k in keys])
+        targets = torch.cat([pred.repeat_interleave(s) for s in sizes])
+        p, a = _probs(model, flat, targets, forward_batch)
+        start = 0
+        for k, s in zip(keys, sizes):
+            probs[k] = p[start:start + b * s].reshape(b, s)
+            hits[k] = (a[start:start + b * s].reshape(b, s) == pred.cpu().numpy()[:, None])
+            start += b * s
+    out = {}
+    for m in metrics:
+        if m == "insertion":
+            out[m] = {"value": curves.insertion(probs["ins"], maps_np), "curve": probs["ins"]}
+        elif m == "deletion":
+            out[m] = {"value": curves.deletion(probs["del"], maps_np), "curve": probs["del"]}
+        elif m == "mif":
+            out[m] = {"value": curves.mif(probs["morf"], maps_np), "curve": probs["morf"]}
+        elif m == "lif":
+            out[m] = {"value": curves.lif(probs["lerf"], maps_np), "curve": probs["lerf"]}
+        elif m == "srg":
+            out[m] = {"value": curves.srg(probs["morf"], probs["lerf"], maps_np)}
+        elif m == "aopc":
+            out[m] = {"value": curves.aopc(probs["morf"], maps_np)}
+        elif m == "abpc":
+            out[m] = {"value": curves.abpc(probs["lerf"], probs["morf"], maps_np)}
+        elif m in ("road_morf", "road_lerf"):
+            out[m] = {"value": road.road(probs[m], maps_np), "curve": probs[m], "hits": hits[m]}
+        elif m == "saco":
+            groups = saco.saco_groups(maps, opts["saco_groups"])
+            out[m] = {"value": saco.saco(saco.group_salience(maps, groups), p_clean, probs["saco"], maps_np)}
+        elif m == "pointing_game":
+            out[m] = {"value": localisation.pointing_game(maps_np, masks)}
+        elif m == "relevance_mass":
+            out[m] = {"value": localisation.relevance_mass_accuracy(maps_np, masks)}
+        elif m == "relevance_rank":
+            out[m] = {"value": localisation.relevance_rank_accuracy(maps_np, masks)}
+        elif m == "infidelity":
+            out[m] = {"value": robustness.infidelity(maps_np, pert, p_clean, probs["inf"])}
+        elif m == "max_sensitivity":
+            s = opts["sensitivity_samples"]
+            xs = robustness.sensitivity_perturbations(x, s, opts["sensitivity_radius"], noise_for(m))
+            pm = explain_fn(model, xs.reshape(-1, *x.shape[1:]), pred.repeat_interleave(s))
+            out[m] = {"value": robustness.max_sensitivity(maps_np, pm.reshape(b, s, *maps.shape[1:]).double().cpu())}
+        elif m == "randomisation":
+            stages = np.stack([explain_fn(rm, x, pred).double().cpu().numpy() for _, rm in randomised])
+            value, per_stage = sanity.randomisation(maps_np, stages)
+            out[m] = {"value": value, "per_stage": per_stage}
+    return out
+
+
+def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int = 8, forward_batch: int = 256,
+              device: str = "cpu", quiet: bool = False, precision: str = "float64", options: dict | None = None,
+              method_options: dict | None = None) -> dict:
+    """Run every metric for every method over `data` (items `image` or `(image, mask)`), resuming
+    from `store`'s last committed batch. Returns the summaries (`summarise`)."""
+    from .. import explain
+    from ..data.imagenet import Preprocess
+    from ..models import as_adapter
+    from ..precision import PRECISIONS, adapter_at, at_precision, check_precision
+
+    opts = {**DEFAULT_OPTIONS, **(options or {})}
+    precision = check_precision(precision)
+    model = at_precision(loaded.model.to(device).eval(), precision)
+    dtype = PRECISIONS[precision]
+    fill_black = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std).fill.to(device=device, dtype=dtype)
+    randomised = cascading_randomisation(model, opts["seed"]) if "randomisation" in metrics else ()
+    adapters = {}
+
+    def explainer_of(method: str):
+        """`explain_fn(model, x, target) -> heatmaps` of `method` (on the model or a randomised copy)."""
+
+        def explain_fn(mdl, x, target):
+            key = id(mdl)
+            if key not in adapters:
+                adapters[key] = adapter_at(mdl, precision) if mdl is model else as_adapter(mdl)
+            return explain(adapters[key], x, method=method, target=target, precision=precision,
+                           **(method_options or {}).get(method, {})).heatmap.detach()
+
+        return explain_fn
+
+    stop = len(data) if limit is None else min(limit, len(data))
+    start = store.position
+    bar = progress_bar(stop, start, quiet, "evaluate")
+    interrupt.progress(start, stop)
+    batches_done = 0
+    for i in range(start, stop, batch_size):
+        end = min(stop, i + batch_size)
+        items = [(j, data.load(j)) for j in range(i, end)]
+        good = [(j, it) for j, it in items if it is not None]
+        bad = [j for j, it in items if it is None]
+        rows = {}
+        if bad:
+            rows["skipped"] = {"index": np.array(bad, dtype=np.int64),
+                               "name": np.array([data.name(j) for j in bad], dtype=object)}
+        if good:
+            imgs = [it[0] if isinstance(it, tuple) else it for _, it in good]
+            masks = np.stack([it[1] for _, it in good]) if isinstance(good[0][1], tuple) else None
+            x = torch.stack(imgs).to(device=device, dtype=dtype)
+            with torch.no_grad():
+                prob = torch.softmax(model(x), -1)
+            pred = prob.argmax(-1)
+            p_clean = prob.gather(1, pred.view(-1, 1))[:, 0].double().cpu().numpy()
+            labels = [data.label(j) if hasattr(data, "label") else -1 for j, _ in good]
+            rows["images"] = {"index": np.array([j for j, _ in good], dtype=np.int64),
+                              "name": np.array([data.name(j) for j, _ in good], dtype=object),
+                              "label": np.array(labels, dtype=np.int64), "pred": pred.cpu().numpy(),
+                              "p_clean": p_clean}
+            for method in methods:
+                noise_for = per_image_generators(int(opts["seed"]), [j for j, _ in good], method)
+                scores = score_method(model, explainer_of(method), x, pred, p_clean, masks, metrics, opts, fill_black,
+                                      forward_batch, noise_for, randomised)
+                for m, cols in scores.items():
+                    rows[f"{method}/{m}"] = {k: np.asarray(v) for k, v in cols.items()}
+        store.write_batch(rows, position=end)
+        interrupt.progress(end, stop)
+        batches_done += 1
+        bar.update(end - bar.n)
+        maybe_kill(batches_done)
+    bar.close()
+    return summarise(store, methods, metrics)
+
+
+def summarise(store, methods, metrics) -> dict:
+    """{method: {metric: {"mean", "n", "nan"}}} from the stored per-image values; written as summaries."""
+    out = {}
+    for method in methods:
+        out[method] = {}
+        for m in metrics:
+            group = f"{method}/{m}"
+            values = store.read(group, "value") if store.done(group) else np.zeros(0)
+            out[method][m] = nan_summary(values)
+            if not store.read_only:
+                store.set_summary(group, out[method][m])
+    if not store.read_only:
+        skipped = store.read("skipped", "name").tolist() if store.done("skipped") else []
+        store.set_summary("images", {"n": int(store.done("images")), "skipped": len(skipped),
+                                     "skipped_names": skipped[:50]})
+    return out
+
+
+def rank_agreement(table: dict, metrics) -> np.ndarray:
+    """(M, M) Kendall τ between the method rankings of every pair of metrics (each metric oriented so
+    that better is larger); NaN where fewer than two methods have both values."""
+    from scipy.stats import kendalltau
+
+    methods = list(table)
+    k = len(metrics)
+    tau = np.full((k, k), np.nan)
+    for a in range(k):
+        for b in range(k):
+            va = np.array([table[m][metrics[a]]["mean"] for m in methods], dtype=np.float64)
+            vb = np.array([table[m][metrics[b]]["mean"] for m in methods], dtype=np.float64)
+            va = va if METRICS[metrics[a]].higher_is_better else -va
+            vb = vb if METRICS[metrics[b]].higher_is_better else -vb
+            ok = np.isfinite(va) & np.isfinite(vb)
+            if ok.sum() >= 2:
+                tau[a, b] = kendalltau(va[ok], vb[ok]).statistic
+    return tau
