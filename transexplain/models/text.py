@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..lrp import Tape
-from .base import ClassTokenReadout, EncoderAdapter, Trace
+from .base import CAPABILITIES, ClassTokenReadout, EncoderAdapter, Trace
 
 SUPPORTED_TEXT = ("BertForSequenceClassification, RobertaForSequenceClassification, ElectraForSequenceClassification, "
                   "DistilBertForSequenceClassification")
@@ -92,6 +92,9 @@ def _refuse(why: str):
 
 class TextAdapter(ClassTokenReadout, EncoderAdapter):
     family = "bert"
+    description = "BERT-family text classifiers"
+    #: no LayerNorm statistics are recorded (ln_stats is defined on the vision models' pre-norm blocks)
+    offers = frozenset(CAPABILITIES) - {"ln_stats"}
     default_row_normalize = True
     gradcam_full_matrix = True
     pixel_input = False
