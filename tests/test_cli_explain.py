@@ -142,12 +142,13 @@ def test_unsupported_models_are_refused_by_name():
     import transexplain
     from transexplain import UserError
 
-    distilled = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, num_classes=3)
-    with pytest.raises(UserError, match="prefix token"):
-        transexplain.as_adapter(distilled)
-    avg = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, class_token=False, global_pool="avg", num_classes=3)
-    with pytest.raises(UserError, match="Supported architectures"):
-        transexplain.as_adapter(avg)
+    # DeiT-distilled and average-pooled ViTs are supported now (tests/test_vit_families.py); these are not
+    map_pooled = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, global_pool="map", num_classes=3)
+    with pytest.raises(UserError, match="MAP head.*Supported architectures"):
+        transexplain.as_adapter(map_pooled)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=3)
+    with pytest.raises(UserError, match="not supported.*Eva"):
+        transexplain.as_adapter(eva)
     with pytest.raises(UserError, match="not supported"):
         transexplain.as_adapter(torch.nn.Linear(3, 3))
 

@@ -140,3 +140,24 @@ def test_explain_command_on_a_clip_model(clip_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert any(c in r.stdout for c in CLASSES)
     assert list((tmp_path / "o").glob("*.npy"))
+
+
+def test_perturbation_benchmark_on_a_clip_model(clip_dir, tmp_path):
+    """The embedded shapes' class folders as CLIP's zero-shot classes: the benchmark runs like on
+    any classifier, and the classes are part of the run's settings."""
+    from transexplain.results import ResultStore
+
+    entry = Path(sys.executable).parent / "tx-bench"
+    names = "arrow,circle,crescent,cross,diamond,hexagon,ring,square,star,triangle"
+    out = tmp_path / "p.h5"
+    r = subprocess.run([str(entry), "perturb", "--model", f"clip:{clip_dir}", "--classes", names, "--method", "rollout",
+                        "--limit", "4", "--batch-size", "2", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    store = ResultStore(out)
+    assert store.is_complete and store.config["zero_shot_classes"] == names.split(",")
+    assert "a photo of a {}" in store.config["model_source"]
+    bad = subprocess.run([str(entry), "perturb", "--model", "embedded", "--classes", names, "--method", "rollout",
+                          "--limit", "4", "--out", str(tmp_path / "q.h5")], capture_output=True, text=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert bad.returncode == 2 and "CLIP models only" in bad.stderr and not (tmp_path / "q.h5").exists()

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
+from .commands.common import CLASSES_HELP, PROMPT_HELP, split_classes
 from .precision import HELP as PRECISION_HELP
 
 app = typer.Typer(
@@ -86,8 +87,8 @@ def explain_cmd(
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
     precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
-    classes: Optional[str] = typer.Option(None, "--classes", help="With --model clip:PATH: the zero-shot classes, a comma list."),
-    prompt: str = typer.Option("a photo of a {}", "--prompt", help="With --classes: the text each class name is written into ({} marks where)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
+    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class.
 
@@ -107,7 +108,7 @@ def explain_cmd(
     from .visualize import explain_images
 
     explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
-                   pretrained=not random_weights, precision=precision, classes=classes.split(",") if classes else None,
+                   pretrained=not random_weights, precision=precision, classes=split_classes(classes),
                    prompt=prompt)
 
 

@@ -3,6 +3,14 @@ from __future__ import annotations
 
 from ..errors import UserError
 
+CLASSES_HELP = "With --model clip:PATH: the zero-shot classes, a comma list (e.g. the data's class folder names)."
+PROMPT_HELP = "With --classes: the text each class name is written into ({} marks where)."
+
+
+def split_classes(spec):
+    """`--classes a,b,c` -> ['a', 'b', 'c'] (None when not given)."""
+    return [c.strip() for c in spec.split(",") if c.strip()] if spec else None
+
 
 def resolve_methods(spec: str, adapter=None) -> list:
     """`--method` -> canonical method names, the same for every command.

@@ -8,6 +8,7 @@ import typer
 
 from ..errors import UserError
 from ..precision import HELP as PRECISION_HELP
+from .common import CLASSES_HELP, PROMPT_HELP, split_classes
 
 #: model specs that name a text classifier (the suite's metrics are image metrics today)
 TEXT_MODELS = ("embedded-text",)
@@ -63,6 +64,8 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
+    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
+    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/evaluate_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     fmt: str = typer.Option("markdown", "--format", help="Table format printed at the end: markdown, csv or latex."),
@@ -95,7 +98,7 @@ def evaluate(
     methods = resolve_methods(method)
     device = check_device(device)
     precision = check_precision_option(precision)
-    loaded = load_model(model, random_weights=random_weights)
+    loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     dataset, data_path, source, _ = _open_data(data, labels, loaded, metrics)
     config = {"benchmark": "suite", **common_config(loaded, methods, data_path.resolve(), source, limit, False,
                                                     precision, batch_size),

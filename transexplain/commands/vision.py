@@ -9,7 +9,7 @@ import typer
 from ..errors import UserError
 from ..precision import BENCHMARK_HELP as BENCHMARK_PRECISION_HELP
 from ..results.paths import check_output_path
-from .common import resolve_methods
+from .common import CLASSES_HELP, PROMPT_HELP, resolve_methods, split_classes
 
 PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
@@ -63,7 +63,9 @@ def common_config(loaded, methods, data, data_source, limit, crop, precision: st
             "data": str(data), "data_source": data_source, "limit": limit,
             "crop": bool(crop), "input_size": list(loaded.input_size), "mean": list(loaded.mean),
             "std": list(loaded.std), "version": transexplain.__version__, "precision": precision,
-            "batch_size": batch_size}
+            "batch_size": batch_size,
+            # a CLIP zero-shot model is defined by its classes and prompt too (None for other models)
+            "zero_shot_classes": list(loaded.class_names) if loaded.name.startswith("clip:") else None}
 
 
 def embedded_default(data, key: str, what: str):
@@ -157,6 +159,8 @@ def perturb(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: str = typer.Option("float64", "--precision", help=BENCHMARK_PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
+    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
+    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
@@ -185,7 +189,7 @@ def perturb(
     shard, device = sharded(device, batch_size)
     workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
-    loaded = load_model(model, random_weights=random_weights)
+    loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     methods = resolve_methods(method, as_adapter(loaded.model))
     data, source = embedded_default(data, "val", "validation set")
     pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std, crop=crop)
@@ -221,6 +225,8 @@ def segment(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: str = typer.Option("float64", "--precision", help=BENCHMARK_PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
+    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
+    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
@@ -240,7 +246,7 @@ def segment(
     shard, device = sharded(device, batch_size)
     workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
-    loaded = load_model(model, random_weights=random_weights)
+    loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     methods = resolve_methods(method, as_adapter(loaded.model))
     data, source = embedded_default(data, "seg", "segmentation set")
     try:
