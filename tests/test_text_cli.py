@@ -77,12 +77,23 @@ def test_bad_inputs_exit_2_with_one_sentence(tmp_path):
         assert len(err.splitlines()) == 1
 
 
-@needs_model
-
 def test_eraser_limit_out_of_range_is_a_usage_error():
-    r = tx("eraser", "--limit", "0")
+    r = tx("eraser", "--method", "rollout", "--limit", "0")
     assert r.returncode == 2 and "--limit" in r.stderr and "Usage:" in r.stderr and "--debug" not in r.stderr
 
+
+@needs_model
+def test_every_method_the_text_model_runs_is_regressed():
+    """A method added to the registry must get expected ERASER numbers (scripts/train_embedded_text.py --expected-only)."""
+    from transexplain.commands.common import resolve_methods
+    from transexplain.models.text import TextAdapter, load_text_model
+
+    model, _ = load_text_model("embedded")
+    missing = [m for m in resolve_methods("all", TextAdapter(model)) if m not in json.loads(EXPECTED.read_text())["methods"]]
+    assert not missing, f"no expected ERASER numbers for {missing}: run scripts/train_embedded_text.py --expected-only"
+
+
+@needs_model
 def test_regression_against_expected_numbers(tmp_path):
     """The embedded default must reproduce configs/expected/embedded_text.json within its tolerance."""
     import torch
