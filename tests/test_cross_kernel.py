@@ -16,8 +16,12 @@ N_IMAGES = {"embedded": 20, "embedded-swin": 6}
 
 @pytest.fixture(scope="module", params=list(N_IMAGES))
 def native(request):
+    from transexplain.commands.common import resolve_methods
+    from transexplain.models import as_adapter
+    from transexplain.models.loading import load_model
+
     spec = request.param
-    methods = list(transexplain.list_methods())
+    methods = resolve_methods("all", as_adapter(load_model(spec).model))  # every method this model can run
     return spec, methods, compute_maps(spec, N_IMAGES[spec], methods, DEFAULT_PRECISION)
 
 
