@@ -100,6 +100,17 @@ def test_segmentation_with_two_processes_equals_one(fixtures, tmp_path):
     assert_same_records(tmp_path / "one.h5", tmp_path / "two.h5")
 
 
+def test_metric_suite_with_three_processes_equals_one(fixtures, tmp_path):
+    """`evaluate` under torchrun: random metrics included (their noise is drawn per image), every
+    per-image record and summary equal to one process's."""
+    base = ["evaluate", "--method", "rollout,saliency", "--metric", "deletion,road_morf,infidelity,pointing_game",
+            "--data", fixtures["seg"], "--model", fixtures["ckpt"], "--batch-size", 2, "--quiet", "--num-workers", 0]
+    assert tx(*base, "--out", tmp_path / "one.h5").returncode == 0
+    r = torchrun(3, *base, "--out", tmp_path / "three.h5")
+    assert r.returncode == 0, r.stderr
+    assert_same_records(tmp_path / "one.h5", tmp_path / "three.h5")
+
+
 @pytest.mark.skipif(not (ROOT / "transexplain" / "assets" / "embedded_text" / "head.safetensors").exists(),
                     reason="the embedded text model is not built")
 def test_eraser_with_two_processes_equals_one(tmp_path):

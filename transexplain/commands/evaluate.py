@@ -9,6 +9,7 @@ import typer
 from ..errors import UserError
 from ..precision import HELP as PRECISION_HELP
 from .common import CLASSES_HELP, PROMPT_HELP, split_classes
+from .vision import NUM_WORKERS_HELP
 
 #: model specs that name a text classifier (the suite's metrics are image metrics today)
 TEXT_MODELS = ("embedded-text",)
@@ -64,6 +65,7 @@ def evaluate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
     random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
     prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/evaluate_<method>.h5)."),
@@ -80,12 +82,13 @@ def evaluate(
     from ..evaluation.metrics import resolve_metrics
     from ..evaluation.suite import DEFAULT_OPTIONS, run_suite
     from ..models.loading import load_model
-    from ..results import ResultStore
     from ..results.environment import collect_environment
     from ..results.paths import check_output_path
     from ..results.suite_report import suite_report_text
-    from ..results.tables import header_line, resuming_line
-    from .vision import check_device, check_precision_option, common_config, resolve_methods, write_skipped_list
+    from ..results.tables import header_line
+    from ..evaluation.sharding import open_results
+    from .vision import (check_precision_option, common_config, num_workers_option, resolve_methods, sharded,
+                         write_skipped_list)
 
     if fmt not in ("markdown", "csv", "latex"):
         raise UserError(f"Unknown --format {fmt!r}: choose markdown, csv or latex.")
@@ -96,7 +99,8 @@ def evaluate(
     if labels is not None and data is None:
         raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
     methods = resolve_methods(method)
-    device = check_device(device)
+    shard, device = sharded(device, batch_size)
+    workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     dataset, data_path, source, _ = _open_data(data, labels, loaded, metrics)
@@ -108,16 +112,20 @@ def evaluate(
     total = len(dataset) if limit is None else min(limit, len(dataset))
     check_output_path(out)
     typer.echo(header_line(config, total))
-    with ResultStore(out, config, overwrite=overwrite, environment=collect_environment(precision, device)) as store:
-        if store.is_complete:
-            typer.echo(f"{out} already holds this complete run; showing it (use --overwrite to run again).")
-        else:
-            if store.position:
-                typer.echo(resuming_line(out, store.position, total))
-            run_suite(loaded, dataset, store, methods, metrics, limit=limit, batch_size=batch_size,
-                      forward_batch=max(256, batch_size), device=device, quiet=quiet, precision=precision)
+    main, listed = False, None
+    # under torchrun each rank computes its batches into a shard and rank 0 merges (evaluation/sharding.py)
+    with open_results(out, config, overwrite, lambda store: run_suite(
+            loaded, dataset, store, methods, metrics, limit=limit, batch_size=batch_size,
+            forward_batch=max(256, batch_size), device=device, quiet=quiet, precision=precision,
+            num_workers=workers, shard=shard),
+            shard=shard, device=device, say=typer.echo, total=total,
+            environment=collect_environment(precision, device)) as store:
+        if store is not None:
+            main = True
             store.mark_complete()
-        listed = write_skipped_list(store, out)
+            listed = write_skipped_list(store, out)
+    if not main:
+        return
     typer.echo(suite_report_text(out, fmt))
     if listed is not None:
         typer.echo(f"The images that could not be read are listed in {listed}")

@@ -40,6 +40,7 @@ SUMMARISERS = {
     "perturbation": "transexplain.evaluation.perturbation:summarise_stored",
     "segmentation": "transexplain.evaluation.segmentation:summarise_stored",
     "eraser": "transexplain.evaluation.eraser:summarise_stored",
+    "suite": "transexplain.evaluation.suite:summarise_stored",
 }
 _SHARD_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)$")
 

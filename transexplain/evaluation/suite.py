@@ -23,7 +23,7 @@ import torch
 from .. import interrupt
 from .metrics import METRICS, curves, localisation, road, robustness, saco, sanity
 from .metrics._common import nan_summary
-from .perturbation import maybe_kill, progress_bar
+from .perturbation import batches, maybe_kill, progress_bar
 
 #: protocol options of the suite (recorded in the results file's config)
 DEFAULT_OPTIONS = {
@@ -195,9 +195,11 @@ def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill
 
 def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int = 8, forward_batch: int = 256,
               device: str = "cpu", quiet: bool = False, precision: str = "float64", options: dict | None = None,
-              method_options: dict | None = None) -> dict:
+              method_options: dict | None = None, num_workers: int = 0, shard=None) -> dict:
     """Run every metric for every method over `data` (items `image` or `(image, mask)`), resuming
-    from `store`'s last committed batch. Returns the summaries (`summarise`)."""
+    from `store`'s last committed batch. Returns the summaries (`summarise`). num_workers: decoding
+    processes; shard: this process's part of a torchrun run (`evaluation.sharding`), as the
+    perturbation runner takes them (`perturbation.batches`)."""
     from .. import explain
     from ..data.imagenet import Preprocess
     from ..models import as_adapter
@@ -223,46 +225,45 @@ def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int
 
         return explain_fn
 
-    stop = len(data) if limit is None else min(limit, len(data))
-    start = store.position
+    loader, start, stop = batches(data, store, shard, limit, batch_size, num_workers, device)
     bar = progress_bar(stop, start, quiet, "evaluate")
     interrupt.progress(start, stop)
     batches_done = 0
-    for i in range(start, stop, batch_size):
-        end = min(stop, i + batch_size)
-        items = [(j, data.load(j)) for j in range(i, end)]
-        good = [(j, it) for j, it in items if it is not None]
-        bad = [j for j, it in items if it is None]
+    for batch in loader:
         rows = {}
-        if bad:
-            rows["skipped"] = {"index": np.array(bad, dtype=np.int64),
-                               "name": np.array([data.name(j) for j in bad], dtype=object)}
-        if good:
-            imgs = [it[0] if isinstance(it, tuple) else it for _, it in good]
-            masks = np.stack([it[1] for _, it in good]) if isinstance(good[0][1], tuple) else None
-            x = torch.stack(imgs).to(device=device, dtype=dtype)
+        if batch.skipped:
+            rows["skipped"] = {"index": np.array(batch.skipped, dtype=np.int64),
+                               "name": np.array([data.name(j) for j in batch.skipped], dtype=object)}
+        if batch.indices:
+            idx = np.array(batch.indices, dtype=np.int64)
+            x, masks = (batch.items[0], batch.items[1].numpy()) if isinstance(batch.items, tuple) else (batch.items, None)
+            x = x.to(device=device, dtype=dtype)
             with torch.no_grad():
                 prob = torch.softmax(model(x), -1)
             pred = prob.argmax(-1)
             p_clean = prob.gather(1, pred.view(-1, 1))[:, 0].double().cpu().numpy()
-            labels = [data.label(j) if hasattr(data, "label") else -1 for j, _ in good]
-            rows["images"] = {"index": np.array([j for j, _ in good], dtype=np.int64),
-                              "name": np.array([data.name(j) for j, _ in good], dtype=object),
+            labels = [data.label(j) if hasattr(data, "label") else -1 for j in batch.indices]
+            rows["images"] = {"index": idx, "name": np.array([data.name(j) for j in batch.indices], dtype=object),
                               "label": np.array(labels, dtype=np.int64), "pred": pred.cpu().numpy(),
                               "p_clean": p_clean}
             for method in methods:
-                noise_for = per_image_generators(int(opts["seed"]), [j for j, _ in good], method)
+                noise_for = per_image_generators(int(opts["seed"]), batch.indices, method)
                 scores = score_method(model, explainer_of(method), x, pred, p_clean, masks, metrics, opts, fill_black,
                                       forward_batch, noise_for, randomised)
                 for m, cols in scores.items():
-                    rows[f"{method}/{m}"] = {k: np.asarray(v) for k, v in cols.items()}
-        store.write_batch(rows, position=end)
-        interrupt.progress(end, stop)
+                    rows[f"{method}/{m}"] = {"index": idx, **{k: np.asarray(v) for k, v in cols.items()}}
+        store.write_batch(rows, position=batch.position)
+        interrupt.progress(batch.position, stop)
         batches_done += 1
-        bar.update(end - bar.n)
+        bar.update(batch.position - bar.n)
         maybe_kill(batches_done)
     bar.close()
     return summarise(store, methods, metrics)
+
+
+def summarise_stored(store) -> dict:
+    """`summarise` with the methods and metrics of the store's own config (merging shards)."""
+    return summarise(store, store.config["methods"], store.config["metrics"])
 
 
 def summarise(store, methods, metrics) -> dict:
