@@ -125,6 +125,14 @@ def batches(dataset, store, shard, limit, batch_size: int, num_workers: int, dev
     return loader, done, len(part)
 
 
+def skipped_rows(dataset, batch) -> dict:
+    """The store rows of a batch's unreadable images ({} when every image was read)."""
+    if not batch.skipped:
+        return {}
+    return {"skipped": {"index": np.array(batch.skipped, dtype=np.int64),
+                        "name": np.array([dataset.name(j) for j in batch.skipped], dtype=object)}}
+
+
 def record_timings(timings: dict | None, loader, images: int, t0: float):
     """Fill `timings` (when given) with the wall time, the time spent waiting for data, and the images."""
     if timings is not None:
@@ -164,10 +172,7 @@ def run_perturbation(loaded, dataset, store, methods, tests=TESTS, targets=("pre
     bar = progress_bar(stop, start, quiet, "perturbation")
     interrupt.progress(start, stop)
     for batch in loader:
-        rows = {}
-        if batch.skipped:
-            rows["skipped"] = {"index": np.array(batch.skipped, dtype=np.int64),
-                               "name": np.array([dataset.name(j) for j in batch.skipped], dtype=object)}
+        rows = skipped_rows(dataset, batch)
         if batch.indices:
             idx = np.array(batch.indices, dtype=np.int64)
             x = batch.items.to(device=device, dtype=dtype, non_blocking=True)

@@ -15,7 +15,7 @@ import numpy as np
 from .. import interrupt
 from .metrics import (average_precision, intersection_union, mean_average_precision, mean_iou, pixel_accuracy,
                       pixel_counts, threshold_at_mean)
-from .perturbation import batches, explain_maps, maybe_kill, predict, progress_bar, record_timings
+from .perturbation import batches, explain_maps, maybe_kill, predict, progress_bar, record_timings, skipped_rows
 
 
 class SegmentationData:
@@ -80,10 +80,7 @@ def run_segmentation(loaded, data: SegmentationData, store, methods, limit=None,
     bar = progress_bar(stop, start, quiet, "segmentation")
     interrupt.progress(start, stop)
     for batch in loader:
-        rows = {}
-        if batch.skipped:
-            rows["skipped"] = {"index": np.array(batch.skipped, dtype=np.int64),
-                               "name": np.array([data.name(j) for j in batch.skipped], dtype=object)}
+        rows = skipped_rows(data, batch)
         if batch.indices:
             idx = np.array(batch.indices, dtype=np.int64)
             images, masks = batch.items

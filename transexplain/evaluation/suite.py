@@ -23,7 +23,7 @@ import torch
 from .. import interrupt
 from .metrics import METRICS, curves, localisation, road, robustness, saco, sanity
 from .metrics._common import nan_summary
-from .perturbation import batches, maybe_kill, progress_bar
+from .perturbation import batches, maybe_kill, progress_bar, skipped_rows
 
 #: protocol options of the suite (recorded in the results file's config)
 DEFAULT_OPTIONS = {
@@ -230,10 +230,7 @@ def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int
     interrupt.progress(start, stop)
     batches_done = 0
     for batch in loader:
-        rows = {}
-        if batch.skipped:
-            rows["skipped"] = {"index": np.array(batch.skipped, dtype=np.int64),
-                               "name": np.array([data.name(j) for j in batch.skipped], dtype=object)}
+        rows = skipped_rows(data, batch)
         if batch.indices:
             idx = np.array(batch.indices, dtype=np.int64)
             x, masks = (batch.items[0], batch.items[1].numpy()) if isinstance(batch.items, tuple) else (batch.items, None)
