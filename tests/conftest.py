@@ -25,6 +25,18 @@ def make_vit(depth=2, heads=2, dim=16, img=(16, 16), patch=4, classes=5, dtype=t
     return model.to(dtype).eval()
 
 
+def rollout_reference(attentions):
+    """(B, N, N) attention rollout written out from a model's own attention probabilities (one
+    (B, H, N, N) tensor per block, in order): the product of the row-normalised (mean-head A + I)."""
+    n = attentions[0].shape[-1]
+    eye = torch.eye(n, dtype=torch.float64)
+    joint = eye.expand(attentions[0].shape[0], n, n)
+    for a in attentions:
+        m = a.detach().mean(1) + eye
+        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    return joint
+
+
 @pytest.fixture
 def vit64():
     return make_vit()

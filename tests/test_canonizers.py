@@ -7,6 +7,8 @@ from transexplain import explain, list_methods
 from transexplain.errors import UserError
 from transexplain.models import as_adapter
 
+from conftest import rollout_reference
+
 
 def _spread(model, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -80,12 +82,7 @@ def test_rollout_equals_rollout_of_the_attentions_transformers_returns(family):
     x = images()
     with torch.no_grad():
         atts = model(x, output_attentions=True).attentions
-    n = atts[0].shape[-1]
-    eye = torch.eye(n, dtype=torch.float64)
-    joint = eye.expand(2, n, n)
-    for a in atts[1:]:
-        m = a.mean(1) + eye
-        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    joint = rollout_reference(atts[1:])
     prefix = 2 if family == "hf_deit_teacher" else 1
     row = joint[:, :prefix].mean(1)
     got = explain(model, x, method="rollout").token_map
@@ -161,11 +158,6 @@ def test_timm_beit_logits_and_rollout_from_its_own_attention(kw):
     adapter = as_adapter(model)
     with torch.no_grad():
         assert (adapter.run(x).logits - want).abs().max().item() < 1e-12
-    n = probs[0].shape[-1]
-    eye = torch.eye(n, dtype=torch.float64)
-    joint = eye.expand(2, n, n)
-    for a in probs[1:]:
-        m = a.mean(1) + eye
-        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    joint = rollout_reference(probs[1:])
     row = joint[:, 0] if adapter.pool == "token" else joint[:, 1:].mean(1)
     assert torch.allclose(explain(model, x, method="rollout").token_map, row[:, 1:].reshape(2, 4, 4), atol=1e-12)

@@ -15,6 +15,8 @@ from transexplain.errors import UserError
 from transexplain.models.canonizers import zero_shot_classifier
 from transexplain.models.loading import load_model
 
+from conftest import rollout_reference
+
 CLASSES = ["cat", "dog", "car"]
 
 
@@ -90,12 +92,7 @@ def test_saliency_and_rollout_equal_computations_on_the_clip_model(clip_dir):
     for q, k in zip(qk[0::2], qk[1::2]):
         q, k = (t.reshape(2, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k))
         atts.append(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1))
-    n = atts[0].shape[-1]
-    eye = torch.eye(n, dtype=torch.float64)
-    joint = eye.expand(2, n, n)
-    for a in atts[1:]:  # the vision default starts at block 1
-        m = a.detach().mean(1) + eye
-        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    joint = rollout_reference(atts[1:])  # the vision default starts at block 1
     assert torch.allclose(explain(view, x, method="rollout").token_map, joint[:, 0, 1:].reshape(2, 4, 4), atol=1e-12)
 
 

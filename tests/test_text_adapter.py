@@ -16,6 +16,8 @@ from transexplain.lrp import OURS, propagate  # noqa: E402
 from transexplain.models import as_adapter  # noqa: E402
 from transexplain.models.text import TextAdapter, TextBatch, build_minilm_classifier  # noqa: E402
 
+from conftest import rollout_reference  # noqa: E402
+
 TINY = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=100)
 METHODS = ["raw_attention", "rollout", "gradcam", "partial_lrp", "full_lrp", "transformer_attribution", "generic_attention",
            "random"]
@@ -158,12 +160,7 @@ def test_distilbert_records_its_own_logits_and_runs_every_method():
         ref = model(input_ids=ids, attention_mask=mask, output_attentions=True)
         got = adapter.run(adapter.prepare({"input_ids": ids, "attention_mask": mask})).logits
     assert (got - ref.logits).abs().max().item() < 1e-12
-    n = ids.shape[1]
-    eye = torch.eye(n, dtype=torch.float64)
-    joint = eye.expand(ids.shape[0], n, n)
-    for a in ref.attentions:  # BERT's rollout multiplies every layer (start 0)
-        m = a.mean(1) + eye
-        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    joint = rollout_reference(ref.attentions)  # BERT's rollout multiplies every layer (start 0)
     roll = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method="rollout").token_map
     assert torch.allclose(roll, joint[:, 0] * mask, atol=1e-12)
     for method in METHODS:

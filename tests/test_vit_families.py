@@ -8,7 +8,7 @@ from transexplain import explain, list_methods
 from transexplain.errors import UserError
 from transexplain.models import as_adapter
 
-from conftest import make_vit
+from conftest import make_vit, rollout_reference
 
 FAMILIES = {
     "deit_distilled": dict(arch="deit_tiny_distilled_patch16_224"),
@@ -105,13 +105,8 @@ def test_rollout_from_timms_own_attention_maps(family):
         model(x)
     for h in hooks:
         h.remove()
-    n = probs[0].shape[-1]
     prefix = PREFIX[family]
-    eye = torch.eye(n, dtype=torch.float64)
-    joint = eye.expand(2, n, n)
-    for a in probs[1:]:  # the vision default starts at block 1
-        m = a.mean(1) + eye
-        joint = (m / m.sum(-1, keepdim=True)) @ joint
+    joint = rollout_reference(probs[1:])  # the vision default starts at block 1
     pool = as_adapter(model).pool
     if pool == "token":
         row = joint[:, 0]
