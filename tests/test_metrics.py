@@ -219,3 +219,36 @@ def test_runner_shortcuts_equal_direct_computation(tmp_path):
         for test in ("positive", "negative"):
             assert np.array_equal(both.read(f"{m}/true/{test}", "hits"), alone.read(f"{m}/true/{test}", "hits"))
             assert both.summary(f"{m}/true/{test}")["auc"] == alone.summary(f"{m}/true/{test}")["auc"]
+
+
+def test_rankings_ignore_last_bit_differences_of_exact_ties():
+    """A coarse grid upsampled has many values equal in exact arithmetic; each CPU kernel set rounds
+    them differently in the last bits (measured 1.1e-15 on the embedded Swin). Every ranking must give
+    the same order for the exact map and for the map with such noise: ties by flat index."""
+    from transexplain.evaluation.metrics._common import ORDER_BITS, ordering_values, removal_rank
+    from transexplain.evaluation.metrics.localisation import pointing_game
+    from transexplain.evaluation.metrics.sanity import spearman
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 5, (3, 4, 4), generator=g).to(torch.float64) / 7  # 5 levels: many exact ties
+    exact = coarse.repeat_interleave(8, 1).repeat_interleave(8, 2)  # (3, 32, 32)
+    noisy = exact * (1 + 4e-16 * torch.randn(exact.shape, generator=g, dtype=torch.float64))
+    assert (noisy != exact).any()  # the noise does reorder a plain sort
+    assert not torch.equal(torch.argsort(exact.reshape(3, -1), dim=1, stable=True),
+                           torch.argsort(noisy.reshape(3, -1), dim=1, stable=True))
+    for most_first in (True, False):
+        assert torch.equal(removal_rank(exact, most_first), removal_rank(noisy, most_first))
+    for positive in (True, False):
+        assert torch.equal(removal_masks(exact, positive), removal_masks(noisy, positive))
+    # ties broken by flat index: the first removed pixel is the lowest index holding the maximum
+    first = removal_rank(exact, True).reshape(3, -1).argmin(1)
+    flat = exact.reshape(3, -1)
+    assert torch.equal(first, (flat == flat.amax(1, keepdim=True)).to(torch.int64).argmax(1))
+    masks = torch.zeros(3, 32, 32)
+    masks[:, :8] = 1
+    assert np.array_equal(pointing_game(exact, masks), pointing_game(noisy, masks))
+    assert np.array_equal(spearman(exact, exact), spearman(noisy, exact))
+    # genuine differences above 2**-ORDER_BITS of the range still order
+    v = torch.tensor([[0.0, 1.0, 0.5, 0.5 + 2.0 ** (-ORDER_BITS + 2)]], dtype=torch.float64)
+    keys = ordering_values(v)
+    assert keys[0, 3] > keys[0, 2] and keys[0, 1] == 2.0 ** ORDER_BITS and keys[0, 0] == 0

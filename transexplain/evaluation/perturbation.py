@@ -20,6 +20,7 @@ import torch
 
 from .. import interrupt
 from .metrics import PERTURBATION_STEPS, accuracy_curve, perturbation_auc, removal_counts
+from .metrics._common import removal_rank
 
 TESTS = ("positive", "negative")
 TARGETS = ("pred", "true")
@@ -33,14 +34,12 @@ def removal_masks(heatmaps: torch.Tensor, positive: bool, steps=PERTURBATION_STE
     """(B, H, W) maps -> (B, len(steps), H, W) bool, True where a pixel is removed at that step.
 
     Step k removes the first `int(H·W·p_k)` pixels in removal order: decreasing relevance for the
-    positive test, increasing for the negative one, ties by increasing flat index (stable sort).
+    positive test, increasing for the negative one, ties by increasing flat index (stable sort); the
+    order is `metrics._common.removal_rank`'s (values closer than 2**-32 of the map's range tie).
     """
     b, h, w = heatmaps.shape
-    flat = heatmaps.reshape(b, h * w)
-    order = torch.argsort(flat, dim=1, descending=positive, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=flat.device).expand(b, -1).contiguous())
-    counts = torch.tensor(removal_counts(h * w, steps), device=flat.device)
+    rank = removal_rank(heatmaps, most_first=positive).reshape(b, h * w)
+    counts = torch.tensor(removal_counts(h * w, steps), device=heatmaps.device)
     return (rank.unsqueeze(1) < counts.view(1, -1, 1)).reshape(b, len(steps), h, w)
 
 

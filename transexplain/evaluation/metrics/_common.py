@@ -22,14 +22,38 @@ def fraction_counts(num_pixels: int, fractions) -> list[int]:
     return [int(num_pixels * float(f) + 1e-9) for f in fractions]
 
 
+#: every ranking of a map (removal orders, top-K, the pointing game's maximum, Spearman's ranks) is
+#: taken on the map's values rounded to 2**-ORDER_BITS of its range (max - min). Values equal in exact
+#: arithmetic but apart in their last bits (e.g. a coarse grid spread by upsampling, which each CPU's
+#: kernels round differently: measured 1.1e-15 apart between ATEN_CPU_CAPABILITY=default and avx512 on
+#: the embedded Swin, reordering ~1,300 pixels per image) then become exact ties, broken by flat index
+#: on every machine. 2**-32 ≈ 2.3e-10 of the range sits far above float64 rounding (≈1e-16) and far
+#: below the float32 precision of the maps themselves (≈6e-8), so no genuine order changes.
+ORDER_BITS = 32
+
+
+def ordering_values(flat: torch.Tensor) -> torch.Tensor:
+    """(B, N) map values -> (B, N) float64 integers in [0, 2**ORDER_BITS]: the values every ranking uses.
+
+    Monotone (non-decreasing) in the value, so it only merges values closer than 2**-ORDER_BITS of the
+    map's range into ties; a constant map gives all zeros.
+    """
+    flat = flat.to(torch.float64)
+    lo = flat.amin(1, keepdim=True)
+    hi = flat.amax(1, keepdim=True)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return torch.round((flat - lo) / span * float(2 ** ORDER_BITS))
+
+
 def removal_rank(maps: torch.Tensor, most_first: bool = True) -> torch.Tensor:
     """(B, H, W) maps -> (B, H, W) int64: each pixel's position in the removal order.
 
     Most relevant first (``most_first``) or least relevant first; equal values go in increasing flat
-    (row-major) index, in both orders (a stable sort), as the paper's perturbation test does.
+    (row-major) index, in both orders (a stable sort), as the paper's perturbation test does. Values
+    are compared through `ordering_values` (near-ties below 2**-32 of the range are ties).
     """
     b, h, w = maps.shape
-    flat = maps.reshape(b, h * w)
+    flat = ordering_values(maps.reshape(b, h * w))
     order = torch.argsort(flat, dim=1, descending=most_first, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(h * w, device=flat.device).expand(b, -1).contiguous())

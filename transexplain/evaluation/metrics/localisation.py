@@ -3,7 +3,7 @@
 Pure functions of (B, H, W) maps and (B, H, W) {0, 1} masks (1 = the object); no forward at all.
 * **Pointing game** (Zhang et al., ECCV 2016; the localisation baseline of Arras, Osman and Samek,
   Information Fusion 2022, "CLEVR-XAI"): a hit when the map's maximum lies on the object, ``hit = 1
-  if argmax_p R_p in GT``. Equal maxima: a hit when any of them is on the object (Quantus does the
+  if argmax_p R_p in GT``. Equal maxima (within 2**-32 of the map's range, `_common.ordering_values`): a hit when any of them is on the object (Quantus does the
   same). ``tolerance`` > 0 (pixels, Chebyshev distance) widens the object as Zhang et al.'s 15-pixel
   tolerance does; 0 by default.
 * **Relevance mass accuracy** (Arras et al. 2022, Eq. 1): the share of positive relevance inside the
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import degenerate, removal_rank
+from ._common import degenerate, ordering_values, removal_rank
 
 
 def _prepare(maps, masks):
@@ -39,7 +39,8 @@ def pointing_game(maps, masks, tolerance: int = 0) -> np.ndarray:
     if tolerance > 0:
         t = torch.from_numpy(masks.astype(np.float64)).unsqueeze(1)
         masks = torch.nn.functional.max_pool2d(t, 2 * tolerance + 1, stride=1, padding=tolerance)[:, 0].numpy() > 0
-    flat, m = maps.reshape(len(maps), -1), masks.reshape(len(masks), -1)
+    flat = ordering_values(torch.from_numpy(maps.reshape(len(maps), -1))).numpy()
+    m = masks.reshape(len(masks), -1)
     top = flat == flat.max(1, keepdims=True)
     hit = (top & m).any(1).astype(np.float64)
     hit[bad] = np.nan

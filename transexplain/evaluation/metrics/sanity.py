@@ -18,11 +18,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._common import ordering_values
+
 
 def _ranks(a: np.ndarray) -> np.ndarray:
+    """Average ranks along the last axis, of the values every ranking uses (`_common.ordering_values`)."""
     from scipy.stats import rankdata
 
-    return rankdata(a, axis=-1, method="average")
+    flat = a.reshape(-1, a.shape[-1])
+    keyed = ordering_values(torch.from_numpy(np.ascontiguousarray(flat))).numpy().reshape(a.shape)
+    return rankdata(keyed, axis=-1, method="average")
 
 
 def spearman(maps, other) -> np.ndarray:
