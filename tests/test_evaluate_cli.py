@@ -35,7 +35,7 @@ def test_mask_metric_on_data_without_masks_is_refused_before_any_work(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,word", [(("--model", "embedded-text"), "text model"),
+@pytest.mark.parametrize("args,word", [(("--model", "embedded-text", "--metric", "road_morf"), "text model"),
                                        (("--metric", "nope"), "Unknown metric")])
 def test_text_model_and_unknown_metric_are_refused(tmp_path, args, word):
     proc = tx("evaluate", "--method", "rollout", *args, "--out", tmp_path / "r.h5")

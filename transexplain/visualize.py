@@ -109,11 +109,11 @@ def _to_display(x: torch.Tensor, mean, std) -> np.ndarray:
     return (x.cpu() * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _explain_in_chunks(explain, model, batch, method, target, precision, chunk: int = 16):
+def _explain_in_chunks(explain, model, batch, method, target, precision, chunk: int = 16, options=None):
     """`explain` over `batch` a few images at a time (a folder can hold many); one result back."""
     from types import SimpleNamespace
 
-    parts = [explain(model, batch[i:i + chunk], method=method, target=target, precision=precision)
+    parts = [explain(model, batch[i:i + chunk], method=method, target=target, precision=precision, **(options or {}))
              for i in range(0, len(batch), chunk)]
     if len(parts) == 1:
         return parts[0]
@@ -122,7 +122,7 @@ def _explain_in_chunks(explain, model, batch, method, target, precision, chunk: 
 
 
 def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False,
-                   precision: str = "float64", classes=None, prompt: str = "a photo of a {}"):
+                   precision: str = "float64", classes=None, prompt: str = "a photo of a {}", options=None):
     """The work behind `tx-bench explain IMAGE...`; the maps are computed in `precision`."""
     import matplotlib
 
@@ -152,7 +152,7 @@ def explain_images(paths, model_spec, method, methods, target, out: Path, crop: 
         chosen = method_names() if methods == "all" else [get_method(m.strip()).name for m in methods.split(",")]
     else:
         chosen = [get_method(method).name]
-    results = {m: _explain_in_chunks(explain, loaded.model, batch, m, target, precision) for m in chosen}
+    results = {m: _explain_in_chunks(explain, loaded.model, batch, m, target, precision, options=options) for m in chosen}
     first = results[chosen[0]]
     for i, p in enumerate(paths):
         pred = int(first.logits[i].argmax())

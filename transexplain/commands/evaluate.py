@@ -11,13 +11,92 @@ from ..precision import HELP as PRECISION_HELP
 from .common import CLASSES_HELP, PROMPT_HELP, split_classes
 from .vision import NUM_WORKERS_HELP
 
-#: model specs that name a text classifier (the suite's metrics are image metrics today)
+#: model specs that name a text classifier (run by `evaluation.text_suite`)
 TEXT_MODELS = ("embedded-text",)
 
 
 def _is_text_model(spec: str) -> bool:
+    """'embedded-text', a BERT-family name, or a local Hugging Face folder of a sequence classifier."""
+    import json
+
     s = spec.lower()
-    return s in TEXT_MODELS or "bert" in s
+    if s in TEXT_MODELS or "bert" in s:
+        return True
+    cfg = Path(spec) / "config.json"
+    if cfg.is_file():
+        try:
+            archs = json.loads(cfg.read_text()).get("architectures") or []
+        except (OSError, ValueError):
+            return False
+        return any(str(a).endswith("ForSequenceClassification") for a in archs)
+    return False
+
+
+def _evaluate_text(method, metric, data, labels, model, split, limit, batch_size, device, precision, random_weights,
+                   classes, out, overwrite, fmt, quiet):
+    """`evaluate` on a text classifier: ERASER data (the embedded reviews by default), `text_suite`."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..data.eraser import align_labels
+    from ..evaluation.sharding import open_results
+    from ..evaluation.text_suite import TEXT_OPTIONS, run_text_suite, text_metrics
+    from ..models.text import TextAdapter, load_text_model
+    from ..precision import check_precision
+    from ..results.environment import collect_environment
+    from ..results.paths import check_output_path
+    from ..results.suite_report import suite_report_text
+    from ..results.tables import header_line
+    from .common import resolve_methods
+    from .text import _load_examples, check_labels
+    from .vision import sharded
+
+    metrics = text_metrics(metric)  # refusals first, before any work
+    for flag, given in (("--labels", labels is not None), ("--random-weights", random_weights),
+                        ("--classes", classes is not None)):
+        if given:
+            raise UserError(f"{flag} is for image models: drop it with a text model.")
+    if split not in ("train", "val", "test"):
+        raise UserError(f"Unknown --split {split!r}: choose train, val or test.")
+    precision = check_precision(precision)
+    if precision not in ("float64", "float32"):
+        raise UserError(f"--precision {precision} is not offered for text: choose float64 or float32.")
+    resolve_methods(method)  # the names, before the data and the model are read
+    shard, device = sharded(device, batch_size)
+    spec = "embedded" if model.lower() == "embedded-text" else model
+    examples, data_desc = _load_examples(None if data is None else str(data), split, limit, False, quiet)
+    if not examples:
+        raise UserError(f"No documents in the {split} split of {data_desc}.")
+    check_labels(examples, spec, data_desc)  # before the weights are read
+    import torch
+
+    torch.manual_seed(0)
+    mdl, tok = load_text_model(spec)
+    align_labels(examples, getattr(mdl.config, "id2label", None), int(mdl.config.num_labels), data_desc)
+    methods = resolve_methods(method, TextAdapter(mdl))
+    import transexplain
+
+    config = {"benchmark": "suite", "modality": "text", "methods": methods, "metrics": metrics, "model": model,
+              "model_source": spec, "weights": spec if spec != "embedded" else "embedded", "data": data_desc,
+              "data_source": "embedded" if data is None else "user", "split": split, "limit": limit,
+              "documents": len(examples), "precision": precision, "batch_size": batch_size,
+              "version": transexplain.__version__, "protocol": TEXT_OPTIONS}
+    out = out or Path("results") / f"evaluate_text_{'all' if method == 'all' else '+'.join(methods)}.h5"
+    check_output_path(out)
+    typer.echo(header_line(config, len(examples), "documents"))
+    main = False
+    with open_results(out, config, overwrite, lambda store: run_text_suite(
+            examples, mdl, tok, store, methods, metrics, batch_size=batch_size, device=device, quiet=quiet,
+            precision=precision, shard=shard),
+            shard=shard, device=device, say=typer.echo, total=len(examples), unit="documents",
+            environment=collect_environment(precision, device)) as store:
+        if store is not None:
+            main = True
+            store.mark_complete()
+    if not main:
+        return
+    typer.echo(suite_report_text(out, fmt))
+    typer.echo(f"Results written to {out}")
 
 
 def _open_data(data: Path | None, labels: Path | None, loaded, metrics):
@@ -56,10 +135,11 @@ _MASK_METRICS = ("pointing_game", "relevance_mass", "relevance_rank")
 
 def evaluate(
     method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
-    metric: str = typer.Option("all", "--metric", help="Metric names, a comma list, or 'all' (insertion, deletion, mif, lif, srg, aopc, abpc, road_morf, road_lerf, saco, pointing_game, relevance_mass, relevance_rank, infidelity, max_sensitivity, randomisation)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="A gtsegs-format .mat file (images with object masks) or an image folder (no masks; default: the embedded shapes segmentation set)."),
+    metric: str = typer.Option("all", "--metric", help="Metric names, a comma list, or 'all' (insertion, deletion, mif, lif, srg, aopc, abpc, road_morf, road_lerf, saco, pointing_game, relevance_mass, relevance_rank, infidelity, max_sensitivity, randomisation; text models also comprehensiveness, sufficiency, and not ROAD, infidelity, max_sensitivity)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A gtsegs-format .mat file (images with object masks) or an image folder (no masks; default: the embedded shapes segmentation set); for a text model an ERASER dataset folder (default: the embedded reviews)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file of `filename label` lines for a flat image folder."),
-    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', 'embedded-swin', a timm model name, or a checkpoint."),
+    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', 'embedded-swin', a timm model name, or a checkpoint; 'embedded-text' or a local Hugging Face text classifier folder for text."),
+    split: str = typer.Option("test", "--split", help="Text models: the ERASER split (train, val or test)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per batch (each brings ~100 perturbed copies per method)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
@@ -92,10 +172,14 @@ def evaluate(
 
     if fmt not in ("markdown", "csv", "latex"):
         raise UserError(f"Unknown --format {fmt!r}: choose markdown, csv or latex.")
-    metrics = resolve_metrics(metric)
     if _is_text_model(model):
-        raise UserError(f"{', '.join(metrics)} are image metrics and {model!r} is a text model: for text use "
-                        "`tx-bench eraser` (comprehensiveness, sufficiency).")
+        return _evaluate_text(method, metric, data, labels, model, split, limit, batch_size, device, precision,
+                              random_weights, classes, out, overwrite, fmt, quiet)
+    metrics = resolve_metrics(metric)
+    text_only = [m for m in metrics if m in ("comprehensiveness", "sufficiency")]
+    if text_only:
+        raise UserError(f"{text_only[0]} is ERASER's text metric (words removed or kept) and {model!r} is an image "
+                        "model: use it with --model embedded-text, or leave it out of --metric.")
     if labels is not None and data is None:
         raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
     methods = resolve_methods(method)

@@ -30,6 +30,31 @@ def _load_examples(data: Optional[str], split: str, limit: Optional[int], strict
     return read_eraser(Path(data), split, strict=strict, limit=limit), f"{Path(data).resolve()}/{split}"
 
 
+def model_classes(spec: str):
+    """(id2label, num_labels) of a text model from its config file alone (no weights read), or None
+    when it cannot be told that way: the label check then waits for the loaded model."""
+    import json
+
+    from ..models.text import EMBEDDED_DIR
+
+    path = EMBEDDED_DIR / "config.json" if spec in (None, "", "embedded") else Path(spec) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    names = cfg.get("id2label") or ({0: "NEG", 1: "POS"} if path.parent == EMBEDDED_DIR else {})
+    return {int(k): v for k, v in names.items()}, int(cfg.get("num_labels") or len(names) or 2)
+
+
+def check_labels(examples, spec: str, data_desc: str):
+    """Refuse, before the model's weights are read, a model whose classes do not fit the data."""
+    from ..data.eraser import align_labels
+
+    known = model_classes(spec)
+    if known is not None:
+        align_labels(examples, known[0], known[1], data_desc)
+
+
 def _say_where_resumed(out: Path, overwrite: bool, methods: list, total: int):
     """"Resuming <out> at document N of M." when an unfinished results file is picked up (N: the
     first unfinished method's documents done; read without a lock, before the run takes it)."""
@@ -55,7 +80,7 @@ def register(app: typer.Typer):
     @app.command("eraser")
     def eraser_cmd(
         method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
-        data: Optional[str] = typer.Option(None, "--data", help="ERASER 'movies' folder (or 'hf' for the cached movie_rationales); default: the embedded reviews."),
+        data: Optional[str] = typer.Option(None, "--data", help="An ERASER dataset folder (movies, e-SNLI, BoolQ, FEVER, MultiRC, CoS-E, Evidence Inference), or 'hf' for the cached movie_rationales; default: the embedded reviews."),
         model: str = typer.Option("embedded", "--model", "-m", help="'embedded', or a local Hugging Face model folder."),
         split: str = typer.Option("test", "--split", help="train, val or test."),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N documents."),
@@ -89,10 +114,14 @@ def register(app: typer.Typer):
         from ..evaluation.eraser import run_eraser
         from ..models.text import load_text_model
 
+        check_labels(examples, model, data_desc)
         torch.manual_seed(0)
         mdl, tok = load_text_model(model)
         from ..models.text import TextAdapter
 
+        from ..data.eraser import align_labels
+
+        align_labels(examples, getattr(mdl.config, "id2label", None), int(mdl.config.num_labels), data_desc)
         methods = resolve_methods(method, TextAdapter(mdl))
         config = {"methods": methods, "model": model, "data": data_desc, "split": split, "limit": limit,
                   "documents": len(examples), "faithfulness": not no_faithfulness, "version": "eraser-v1",

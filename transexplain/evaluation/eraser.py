@@ -235,20 +235,132 @@ def _tokenize(tokenizer, word_lists, max_length):
                      return_tensors="pt", return_special_tokens_mask=True)
 
 
+def as_item(e) -> tuple:
+    """(query words, document words, split_at) of an `Example` (or of a bare word list): what the
+    model reads (`data.eraser` says how each dataset is encoded)."""
+    if isinstance(e, tuple):
+        return e
+    if isinstance(e, list):
+        return ((), tuple(e), None)
+    return (tuple(e.query), tuple(e.words), e.split_at)
+
+
+def subset(item: tuple, keep) -> tuple:
+    """The item with only the document words whose index is in `keep` (in document order); the
+    query is kept whole and e-SNLI's premise / hypothesis boundary moves with the removed words."""
+    query, words, split = item
+    kept = tuple(w for j, w in enumerate(words) if j in keep)
+    return (query, kept, None if split is None else sum(1 for j in range(split) if j in keep))
+
+
+def encode(tokenizer, items, max_length: int):
+    """Tokenise items (`as_item`) as the model reads them -- the document alone, `[CLS] query [SEP]
+    document [SEP]` (the document truncated), or e-SNLI's `[CLS] premise [SEP] hypothesis [SEP]` --
+    padded to one batch. Returns (the tokenizer's padded dict of tensors, per item per token the
+    index of its document word in `words` or None: special tokens, query tokens, padding).
+
+    An item whose document (or one of e-SNLI's two parts) is empty reads one unknown token there."""
+    unk = tokenizer.unk_token or "[UNK]"
+    items = [as_item(i) for i in items]
+    if all(not q and split is None for q, _, split in items):  # one sequence each: one batched call, as always
+        enc = tokenizer([list(w) or [unk] for _, w, _ in items], is_split_into_words=True, truncation=True,
+                        max_length=max_length, padding=True, return_tensors="pt", return_special_tokens_mask=True)
+        return enc, [[None if (w is None or not words) else w for w in enc.word_ids(i)]
+                     for i, (_, words, _) in enumerate(items)]
+    singles, word_ids = [], []
+    for q, words, split in items:
+        if q:
+            first, second, offset, strategy = list(q), list(words) or [unk], None, "only_second"
+        elif split is not None:
+            first, second, offset, strategy = list(words[:split]) or [unk], list(words[split:]) or [unk], split, "longest_first"
+        else:
+            first, second, offset, strategy = list(words) or [unk], None, 0, True
+        one = tokenizer(first, second, is_split_into_words=True, truncation=strategy, max_length=max_length,
+                        return_special_tokens_mask=True)
+        seq = one.sequence_ids(0)
+        ids = []
+        for w, sq in zip(one.word_ids(0), seq):
+            if w is None:
+                ids.append(None)
+            elif q:  # the query is sequence 0: never scored
+                ids.append(w if sq == 1 and words else None)
+            elif split is not None:
+                part = words[:split] if sq == 0 else words[split:]
+                ids.append((w if sq == 0 else offset + w) if part else None)
+            else:
+                ids.append(w if words else None)
+        singles.append({k: one[k] for k in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
+                        if k in one})
+        word_ids.append(ids)
+    enc = tokenizer.pad(singles, padding=True, return_tensors="pt")
+    width = enc["input_ids"].shape[1]
+    return enc, [ids + [None] * (width - len(ids)) for ids in word_ids]
+
+
+def text_batch(adapter, tokenizer, items, max_length: int):
+    """The `TextBatch` of `encode` on the adapter's device, `word_ids` holding the document word indices."""
+    from ..models.text import TextBatch
+
+    enc, word_ids = encode(tokenizer, items, max_length)
+    tt = enc.get("token_type_ids")
+    return TextBatch(enc["input_ids"].long(), enc["attention_mask"].long(), None if tt is None else tt.long(),
+                     enc["special_tokens_mask"].long(), word_ids).to(adapter.device)
+
+
 def _probs(model, tokenizer, word_lists, max_length, batch_size=32) -> np.ndarray:
-    """(len(word_lists), C) class probabilities (float64) of `model` on each word list (an empty
-    list is run as one unknown token)."""
+    """(len(word_lists), C) class probabilities (float64) of `model` on each word list or item
+    (`as_item`; an empty document is run as one unknown token)."""
     import torch
 
     out = []
     for i in range(0, len(word_lists), batch_size):
-        chunk = [w if w else [tokenizer.unk_token or "[UNK]"] for w in word_lists[i:i + batch_size]]
-        enc = _tokenize(tokenizer, chunk, max_length).to(next(model.parameters()).device)
+        enc, _ = encode(tokenizer, word_lists[i:i + batch_size], max_length)
+        enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
         with torch.no_grad():
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                            **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})).logits
         out.append(logits.double().softmax(-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+class InputPool:
+    """Distinct model inputs to run once each: `slot(item)` gives an input's position in `inputs`."""
+
+    def __init__(self):
+        self.inputs, self.where = [], {}
+
+    def slot(self, item) -> int:
+        item = as_item(item)
+        if item not in self.where:
+            self.where[item] = len(self.inputs)
+            self.inputs.append(item)
+        return self.where[item]
+
+    def run(self, model, tokenizer, max_length: int) -> np.ndarray:
+        return _probs(model, tokenizer, self.inputs, max_length)
+
+
+def aopc_slots(pool: InputPool, item: tuple, order, sizes) -> list:
+    """[(slot without the first k words of `order`, slot with only them)] for each k in `sizes`: the
+    inputs of comprehensiveness (removed) and sufficiency (kept), words in document order."""
+    out = []
+    for k in sizes:
+        top = set(order[:k])
+        rest = set(range(len(item[1]))) - top
+        out.append((pool.slot(subset(item, rest)), pool.slot(subset(item, top))))
+    return out
+
+
+def comp_suff(probs, full: int, slots: list, cls: int) -> tuple:
+    """([comp per bin], [suff per bin]): p(cls | full) - p(cls | removed), p(cls | full) - p(cls | kept)."""
+    return ([probs[full, cls] - probs[rm, cls] for rm, _ in slots],
+            [probs[full, cls] - probs[kp, cls] for _, kp in slots])
+
+
+def official_aopc(probs, full: int, slots: list) -> tuple:
+    """(comp, suff per bin) of ERASER's official definition: the class is the model's prediction on the
+    full input (`comp_suff` with c = argmax p(· | full))."""
+    return comp_suff(probs, full, slots, int(np.argmax(probs[full])))
 
 
 FLOAT_ROWS = ("f1", "auprc", "average_precision", "iou_p", "iou_r", "comp", "suff", "comp_corrected",
@@ -267,8 +379,7 @@ def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, r
     from ..api import explain
     from ..precision import at_precision
 
-    enc = _tokenize(tokenizer, [e.words for e in examples], max_length)
-    x = adapter.prepare(enc)
+    x = text_batch(adapter, tokenizer, examples, max_length)
     labels = [e.label for e in examples]
     expl = explain(adapter, x, method=method, target=torch.tensor(labels), precision=precision)
     tok = expl.token_map.double().cpu().numpy()
@@ -277,14 +388,7 @@ def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, r
                             "average_precision", "iou_hits", "iou_found", "iou_n_pred", "iou_n_gold", "iou_p",
                             "iou_r", "comp", "suff", "comp_corrected", "suff_corrected", "p_full", "p_full_label",
                             "evidence_cut", "n_words", "n_seen")}
-    inputs, where = [], {}  # distinct word lists to run, and their position in `inputs`
-
-    def slot(words):
-        key = tuple(words)
-        if key not in where:
-            where[key] = len(inputs)
-            inputs.append(list(words))
-        return where[key]
+    pool = InputPool()  # distinct inputs to run, each once
 
     jobs = []  # per document: (full, official removed / kept, corrected removed / kept)
     for i, e in enumerate(examples):
@@ -325,24 +429,23 @@ def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, r
         rows["n_words"].append(n)
         rows["n_seen"].append(seen)
         if faithfulness:
-            def removed_kept(top):
-                return (slot([w for j, w in enumerate(e.words) if j not in top]),
-                        slot([w for j, w in enumerate(e.words) if j in top]))
-
-            official = [removed_kept(set(order[:k])) for k in bin_sizes(n)]
-            corrected = [removed_kept(set(scored[:k_for_fraction(seen, q)])) for q in AOPC_FRACTIONS]
-            jobs.append((slot(e.words), official, corrected))
+            item = as_item(e)
+            official = aopc_slots(pool, item, order, bin_sizes(n))
+            corrected = aopc_slots(pool, item, scored, [k_for_fraction(seen, q) for q in AOPC_FRACTIONS])
+            jobs.append((pool.slot(item), official, corrected))
     if faithfulness:
-        probs = _probs(at_precision(adapter.model, precision), tokenizer, inputs, max_length)
+        probs = pool.run(at_precision(adapter.model, precision), tokenizer, max_length)
         for i, (full, official, corrected) in enumerate(jobs):
             cls = int(np.argmax(probs[full]))  # the official scores follow the model's predicted class
             y = labels[i]  # ours follow the true class, the one explained
             rows["p_full"].append(probs[full, cls])
             rows["p_full_label"].append(probs[full, y])
-            rows["comp"].append([probs[full, cls] - probs[rm, cls] for rm, _ in official])
-            rows["suff"].append([probs[full, cls] - probs[kp, cls] for _, kp in official])
-            rows["comp_corrected"].append([probs[full, y] - probs[rm, y] for rm, _ in corrected])
-            rows["suff_corrected"].append([probs[full, y] - probs[kp, y] for _, kp in corrected])
+            comp, suff = official_aopc(probs, full, official)
+            rows["comp"].append(comp)
+            rows["suff"].append(suff)
+            comp, suff = comp_suff(probs, full, corrected, y)
+            rows["comp_corrected"].append(comp)
+            rows["suff_corrected"].append(suff)
     else:
         nan5 = [float("nan")] * len(AOPC_FRACTIONS)
         for key in ("p_full", "p_full_label"):

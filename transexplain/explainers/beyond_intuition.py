@@ -92,7 +92,7 @@ def value_projection(adapter, block: int, z: torch.Tensor) -> torch.Tensor:
         v = qkv[..., 2 * (qkv.shape[-1] // 3):]
         return v @ blk.attn.proj.weight.t()
     if adapter.family == "bert":
-        layer = adapter.encoder.encoder.layer[block]
+        layer = adapter.layers[block]  # BERT's module names (DistilBERT's and DeBERTa's layers as views)
         v = layer.attention.self.value(z)
         return v @ layer.attention.output.dense.weight.t()
     raise UserError(f"Method 'bt_t' is not defined on {adapter.family}: it needs each block's value vectors.")

@@ -15,8 +15,15 @@ from a generator seeded by the sample's content (XOR the `seed` option), not fro
 Captum's NoiseTunnel does (whose noise would depend on the batch and on the caller's RNG state), so
 we draw the noise here and average Captum's Saliency over the noisy copies, which is what
 NoiseTunnel(Saliency, nt_type="smoothgrad") computes.
+
+Option `libragrad` (every method; default false): the gradients are taken through LibraGrad's
+rewired backward (Mehri et al. CVPR 2025; `lrp.attnlrp.LibraGrad`: attention probabilities,
+LayerNorm's σ and GELU's gate held constant in the backward, the forward unchanged), through the
+adapter's recorded forward. docs/methods.md states the rules.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -87,6 +94,19 @@ def _chunk(options, batch: int) -> int:
     return max(size, batch)
 
 
+def libragrad_context(options):
+    """The context a method's gradients are taken in: LibraGrad's backward when the option says so."""
+    value = options.get("libragrad", False)
+    if not isinstance(value, bool):
+        raise UserError(f"libragrad must be true or false, got {value!r}.")
+    if not value:
+        return contextlib.nullcontext()
+    from ..lrp.attnlrp import LibraGrad
+    from ..lrp.core import gradient_rules
+
+    return gradient_rules(LibraGrad())
+
+
 def _positive_int(options, key: str) -> int:
     value = options[key]
     if isinstance(value, bool) or int(value) != value or int(value) < 1:
@@ -99,6 +119,10 @@ class _CaptumExplainer(Explainer):
     #: images: a (B, H, W) pixel map; text: one score per token (set per call, before api.explain reads it)
     pixel_level = True
     needs = frozenset({"input_gradient"})
+
+    @classmethod
+    def defaults(cls):
+        return {"libragrad": False}
 
     def _start(self, adapter, x, target):
         wrapped = _CaptumInput(adapter, x)
@@ -118,8 +142,9 @@ class _CaptumExplainer(Explainer):
         """The shared frame of every method: wrap the input, run `attribute(wrapped, target)` (the
         Captum call), restore the adapter, and reduce the attribution to one score per pixel or token
         (signed: summed; else |.| already taken, see `_CaptumInput.reduce_magnitude`)."""
-        wrapped, target, logits = self._start(adapter, x, target)
-        attr = attribute(wrapped, target).detach()
+        with libragrad_context(self.options):  # checks the option before any work
+            wrapped, target, logits = self._start(adapter, x, target)
+            attr = attribute(wrapped, target).detach()
         self._finish(adapter, x, wrapped)
         return (wrapped.reduce_signed(attr) if signed else wrapped.reduce_magnitude(attr)), logits, target
 
@@ -128,7 +153,7 @@ class _CaptumExplainer(Explainer):
 class Saliency(_CaptumExplainer):
     name = "saliency"
     description = ("Saliency (Simonyan et al. 2014, Captum Saliency): |∂y_t/∂x|, max over colour channels "
-                   "(text: summed over hidden units of the embedding output).")
+                   "(text: summed over hidden units of the embedding output); option libragrad=true: LibraGrad's backward.")
 
     def scores(self, adapter, x, target):
         from captum.attr import Saliency as CaptumSaliency
@@ -141,7 +166,7 @@ class Saliency(_CaptumExplainer):
 class InputXGradient(_CaptumExplainer):
     name = "input_x_gradient"
     description = ("Input × gradient (Shrikumar et al. 2016, Captum InputXGradient): x ⊙ ∂y_t/∂x summed over "
-                   "colour channels (text: embedding output, summed over hidden units).")
+                   "colour channels (text: embedding output, summed over hidden units); option libragrad=true: LibraGrad's backward.")
 
     def scores(self, adapter, x, target):
         from captum.attr import InputXGradient as CaptumInputXGradient
@@ -168,11 +193,12 @@ def _baseline(adapter, wrapped, choice):
 class IntegratedGradients(_CaptumExplainer):
     name = "integrated_gradients"
     description = ("Integrated gradients (Sundararajan et al. 2017, Captum IntegratedGradients): "
-                   "(x−x') ⊙ ∫∂y_t/∂x along x'→x, summed over colour channels; baseline 0, 20 steps.")
+                   "(x−x') ⊙ ∫∂y_t/∂x along x'→x, summed over colour channels; baseline 0, 20 steps; "
+                   "option libragrad=true: LibraGrad's backward.")
 
     @classmethod
     def defaults(cls):
-        return {"steps": 20, "baseline": "zeros", "internal_batch_size": 32}
+        return {"steps": 20, "baseline": "zeros", "internal_batch_size": 32, "libragrad": False}
 
     def scores(self, adapter, x, target):
         from captum.attr import IntegratedGradients as CaptumIG
@@ -192,11 +218,12 @@ class IntegratedGradients(_CaptumExplainer):
 class SmoothGrad(_CaptumExplainer):
     name = "smoothgrad"
     description = ("SmoothGrad (Smilkov et al. 2017, Captum Saliency on noisy copies): mean |∂y_t/∂x| over 20 "
-                   "Gaussian copies (σ = 0.15 × the sample's value range), max over colour channels.")
+                   "Gaussian copies (σ = 0.15 × the sample's value range), max over colour channels; "
+                   "option libragrad=true: LibraGrad's backward.")
 
     @classmethod
     def defaults(cls):
-        return {"samples": 20, "noise": 0.15, "seed": 0, "internal_batch_size": 32}
+        return {"samples": 20, "noise": 0.15, "seed": 0, "internal_batch_size": 32, "libragrad": False}
 
     def noise(self, x, wrapped) -> torch.Tensor:
         """(B, samples, *input shape) Gaussian noise, each sample's drawn from its own generator."""

@@ -1,20 +1,30 @@
-"""Methods that weigh attention by the gradient of the target logit: GradCAM, generic attention."""
+"""Methods that weigh attention by the gradient of the target logit: GradCAM, generic attention.
+
+Option `libragrad` (both; default false): the gradients are LibraGrad's (`captum_methods.libragrad_context`:
+attention probabilities, LayerNorm's σ and GELU's gate held constant in the backward)."""
 from __future__ import annotations
 
 import torch
 
 from .base import Explainer, register, select_target, target_gradients
+from .captum_methods import libragrad_context
 
 
 @register
 class GradCAM(Explainer):
     name = "gradcam"
     needs = frozenset({"attention"})
-    description = "GradCAM on the last attention layer: heads weighted by their mean gradient, then ReLU."
+    description = ("GradCAM on the last attention layer: heads weighted by their mean gradient, then ReLU; "
+                   "option libragrad=true: LibraGrad's backward.")
     class_specific = True
 
+    @classmethod
+    def defaults(cls):
+        return {"libragrad": False}
+
     def scores(self, adapter, x, target):
-        trace = adapter.run(x)
+        with libragrad_context(self.options):
+            trace = adapter.run(x)
         target = select_target(trace.logits, target)
         last = len(trace.attentions) - 1
         att = trace.attentions[last]
@@ -37,11 +47,17 @@ class GradCAM(Explainer):
 class GenericAttention(Explainer):
     name = "generic_attention"
     needs = frozenset({"attention"})
-    description = "Generic attention explainability (Chefer et al. ICCV 2021): R += mean-head (∇A⊙A)⁺ R."
+    description = ("Generic attention explainability (Chefer et al. ICCV 2021): R += mean-head (∇A⊙A)⁺ R; "
+                   "option libragrad=true: LibraGrad's backward.")
     class_specific = True
 
+    @classmethod
+    def defaults(cls):
+        return {"libragrad": False}
+
     def scores(self, adapter, x, target):
-        trace = adapter.run(x)
+        with libragrad_context(self.options):
+            trace = adapter.run(x)
         target = select_target(trace.logits, target)
         grads = target_gradients(trace.logits, target, trace.attentions)
         v = adapter.readout(trace)

@@ -31,6 +31,9 @@ Choices, each checked against the paper and the package's source:
   that width; earlier stages have other widths after patch merging), so the map lies on the last
   stage's grid and is spread evenly onto the first stage's grid by `to_token_map`. Window maps are
   put back on the grid (the shift undone). The package has no Swin path.
+* Option `libragrad` (default false): the gradients are LibraGrad's (`captum_methods.libragrad_context`;
+  attention probabilities, LayerNorm's σ and GELU's gate constant in the backward, the readout's
+  norm included).
 * The package's SigLIP "correction" (zeroing pixels that an empty prompt also highlights) needs a
   text prompt and is not part of the classifier definition; it is left out.
 
@@ -55,8 +58,12 @@ def _layer_logits(adapter, trace, layer: int) -> torch.Tensor:
 
         return adapter._head(Tape(record=False), hidden)
     if adapter.family == "swin":
-        pooled = m.norm(hidden).flatten(1, 2).mean(1)
-        return m.head.flatten(m.head.fc(m.head.drop(pooled)))
+        from ..lrp import Tape
+
+        tape = Tape(record=False)  # the adapter's own ops, through a tape so that `libragrad` reaches the norm
+        h = tape.move(lambda t: t.flatten(1, 2), tape.passthrough(m.norm, hidden))
+        pooled = tape.passthrough(m.head.drop, tape.pool_mean(h, 1))
+        return tape.passthrough(m.head.flatten, tape.linear(pooled, m.head.fc))
     if adapter.family == "bert":
         from ..lrp import Tape
 
@@ -76,18 +83,25 @@ def _readable_layers(adapter) -> list:
 class LeGrad(Explainer):
     name = "legrad"
     needs = frozenset({"attention", "layer_readout"})
-    description = "LeGrad (Bousselham et al. 2024): mean over layers of E_h,i[ReLU(∂s^l/∂A^l)], s^l the head read on layer l."
+    description = ("LeGrad (Bousselham et al. 2024): mean over layers of E_h,i[ReLU(∂s^l/∂A^l)], s^l the head read on "
+                   "layer l; option libragrad=true: LibraGrad's backward.")
     class_specific = True
 
     @classmethod
     def defaults(cls) -> dict:
-        return {"start_layer": 0}
+        return {"start_layer": 0, "libragrad": False}
 
     def layer_logits(self, adapter, trace, layer: int) -> torch.Tensor:
         """The per-layer readout (a method so that a comparison can swap in another readout)."""
         return _layer_logits(adapter, trace, layer)
 
     def scores(self, adapter, x, target):
+        from .captum_methods import libragrad_context
+
+        with libragrad_context(self.options):
+            return self._scores(adapter, x, target)
+
+    def _scores(self, adapter, x, target):
         trace = adapter.run(x)
         if "hidden" not in trace.extras:
             raise UserError(f"Method 'legrad' is not defined on {adapter.family}: the adapter does not expose each layer's tokens.")

@@ -16,6 +16,8 @@ docs/methods.md states every choice these rules make and where they differ from 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -144,3 +146,233 @@ class DetachedGradientRules:
 
     def __repr__(self):
         return f"DetachedGradientRules(detach_mean={self.detach_mean})"
+
+
+# -- the same rules as modified gradients of the recorded forward ---------------------------------
+# Under `core.gradient_rules(rules)` every Tape hands each op's output to `rules.start().wrap(node)`
+# while the forward runs; one `torch.autograd.grad` of the target logit then carries, instead of the
+# relevance R_t of a tensor t, a "modified gradient" g_t with R_t = t ⊙ g_t, and the input relevance
+# is x ⊙ g_x. For AttnLRP (the walk above, `AttnLRPRules`) that identity holds op by op:
+#   ε-rule nodes (linear, conv, add, matmul, pooling, LayerNorm's affine part): R_in = in ⊙ Jᵀ(R_z/stab(z))
+#     = in ⊙ Jᵀ(f(z) g_z) with f(z) = z/stab(z) = |z|/(|z|+ε): a hook multiplies g_z by f(z) (by f/2 on
+#     the bilinear products: the uniform rule), autograd does Jᵀ;
+#   the softmax rule x ⊙ (R_s - s ΣR_s) with R_s = s ⊙ g_s is x ⊙ (softmax's own vector-Jacobian
+#     product of g_s): plain autograd;
+#   LayerNorm: σ held constant, its backward g ↦ C(γ g/σ) (`layer_norm_backward`);
+#   the identity rule R_x = R_y (GELU, scales, ...): g_x = (y/x) g_y (0 where x = 0, where y = 0 as
+#     well for every op an adapter records); when x is the output of an ε-rule node with no other
+#     consumer the two steps are done as one, g_z = g_y y/stab(z);
+#   index ops: plain autograd (their adjoint), as the walk's `vjp`.
+# It computes the same numbers as the walk up to rounding, without its per-op Python work, its
+# vjp graphs for index ops and its multiplications by every input (tests/test_attnlrp.py compares).
+# DetachedGradient (CP-LRP) and LibraGrad only cut or replace a few local gradients.
+
+
+class _Override(torch.autograd.Function):
+    """Output `y` (computed by the caller, values untouched), gradient `backward(g)` for `x`."""
+
+    @staticmethod
+    def forward(ctx, x, y, backward):
+        ctx.backward = backward
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.backward(g), None, None
+
+
+def override_gradient(x: torch.Tensor, y: torch.Tensor, backward) -> torch.Tensor:
+    """y's values, with ∂/∂x given by `backward(grad_y)` instead of y's own graph."""
+    return _Override.apply(x, y.detach(), backward)
+
+
+class _LayerNormConstantStd(torch.autograd.Function):
+    """LayerNorm's output `y` (computed by the module) with the gradient of y = γ(x - E[x])/σ + β at
+    σ constant (`layer_norm_backward`); γ and β get their usual gradients (x̂ summed, g summed), so
+    that FullGrad's bias terms can be read too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, y, ln, center):
+        ctx.save_for_backward(x)
+        ctx.ln, ctx.center = ln, center
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        ln = ctx.ln
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = layer_norm_backward(ln, x, g, center=ctx.center)
+        dims = tuple(range(g.dim() - len(ln.normalized_shape)))
+        if ctx.needs_input_grad[1]:
+            x_hat = (x - x.mean(dim=_norm_dims(ln, x), keepdim=True)) / _ln_std(ln, x)
+            gw = (g * x_hat).sum(dims)
+        if ctx.needs_input_grad[2]:
+            gb = g.sum(dims)
+        return gx, gw, gb, None, None, None
+
+
+def layer_norm_constant_std(ln: nn.LayerNorm, x: torch.Tensor, y: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """y = ln(x)'s values, differentiated with σ (and, center=False, E[x]) held constant."""
+    return _LayerNormConstantStd.apply(x, ln.weight, ln.bias, y.detach(), ln, center)
+
+
+def detached_leaf(t: torch.Tensor) -> torch.Tensor:
+    """t's values cut from the graph behind it, but still a tensor whose gradient can be asked for
+    (the attention maps that GradCAM & co. differentiate)."""
+    return t.detach().requires_grad_(True)
+
+
+class _EpsState:
+    __slots__ = ("z", "half", "guard", "consumers", "fused")
+
+    def __init__(self, z, half, guard):
+        self.z, self.half, self.guard = z, half, guard
+        self.consumers, self.fused = 0, False
+
+
+class AttnLRPGradient:
+    """AttnLRP (`AttnLRPRules`' rules) as a modified gradient of the recorded forward; `epsilon` as there."""
+
+    name = "attnlrp"
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = float(epsilon)
+
+    def start(self):
+        return _AttnLRPPass(self.epsilon)
+
+    def __repr__(self):
+        return f"AttnLRPGradient(epsilon={self.epsilon})"
+
+
+class _AttnLRPPass:
+    """One forward's state: the ε-rule outputs seen so far and how many ops read each."""
+
+    EPS_KINDS = ("linear", "conv_input", "conv", "pool_mean", "add", "matmul")
+
+    def __init__(self, eps: float):
+        self.eps = eps
+        self.states: dict[int, _EpsState] = {}
+
+    def _state(self, t):
+        st = self.states.get(id(t))
+        return st if st is not None and st.z is t else None
+
+    def wrap(self, node: Node) -> torch.Tensor:
+        for t in node.inputs:
+            st = self._state(t)
+            if st is not None:
+                st.consumers += 1
+        kind, z = node.kind, node.out
+        if kind in self.EPS_KINDS:
+            # an added constant may hold -inf (a mask): f(±inf) = nan there, where the gradient is 0
+            guard = self.eps == 0 or (kind == "add" and not all(t.requires_grad for t in node.inputs))
+            return self._eps_output(z, half=kind == "matmul", guard=guard)
+        if kind == "pass":
+            x = node.inputs[0]
+            if isinstance(node.fn, nn.LayerNorm):
+                y = layer_norm_constant_std(node.fn, x, z)
+                return self._eps_output(y, half=False, guard=self.eps == 0)
+            if z is x:  # an identity op (nn.Identity, dropout in eval): R passes, so does g
+                return z
+            return override_gradient(x, z, self._identity_backward(x, z))
+        return z  # softmax (its rule is its own vector-Jacobian product), index ops
+
+    def _eps_output(self, z, half, guard):
+        st = _EpsState(z, half, guard)
+        self.states[id(z)] = st
+        zd, eps = z.detach(), self.eps
+
+        def hook(g):
+            if st.fused:  # the only consumer, an identity-rule op, already divided by stab(z)
+                return g
+            a = zd.abs()
+            f = a.div_(a + eps)  # z / stab(z), as |z| / (|z| + ε)
+            if guard:
+                f.nan_to_num_(0.0)
+            if half:
+                f.mul_(0.5)
+            return f.mul_(g)
+
+        z.register_hook(hook)
+        return z
+
+    def _identity_backward(self, x, y):
+        xd, yd, eps = x.detach(), y.detach(), self.eps
+        st = self._state(x)
+
+        def backward(g):
+            if st is not None and st.consumers == 1 and not st.fused:
+                st.fused = True  # g_z = g_y · y / stab(z): the identity rule and z's ε-rule in one step
+                out = stabilised_divide(g * yd, xd, eps)
+                return out.mul_(0.5) if st.half else out
+            out = (g * yd).div_(xd)
+            return out.masked_fill_(xd == 0, 0)
+
+        return backward
+
+
+def gelu_gate(fn) -> "callable | None":
+    """For an activation y = x · gate(x) with a known gate (GELU: Φ(x), exact or tanh-approximated;
+    SiLU: sigmoid(x); CLIP's QuickGELU: sigmoid(1.702 x)), the function x ↦ gate(x); None otherwise."""
+    name = type(fn).__name__
+    approximate = getattr(fn, "approximate", "none")
+    if isinstance(fn, nn.GELU) or name in ("GELUActivation", "GELU"):
+        if approximate == "tanh":
+            return lambda x: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return lambda x: 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation"):
+        return lambda x: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    if isinstance(fn, nn.SiLU) or name in ("SiLUActivation", "Swish"):
+        return torch.sigmoid
+    if name in ("QuickGELU", "QuickGELUActivation"):
+        return lambda x: torch.sigmoid(1.702 * x)
+    return None
+
+
+class DetachedGradient:
+    """The gradient of the forward in which the attention probabilities and every LayerNorm's σ are
+    constants (CP-LRP: `DetachedGradientRules` as a modified gradient of the recorded forward);
+    `detach_mean=True` holds LayerNorm's mean constant too. `gate=True` also holds the gate of each
+    gated activation constant (GELU = x·Φ(x): gradient Φ(x)), LibraGrad's third rule."""
+
+    name = "cp_lrp"
+
+    def __init__(self, detach_mean: bool = False, gate: bool = False):
+        self.detach_mean, self.gate = bool(detach_mean), bool(gate)
+
+    def start(self):
+        return self
+
+    def wrap(self, node: Node) -> torch.Tensor:
+        kind, z = node.kind, node.out
+        if kind == "softmax":
+            return detached_leaf(z)
+        if kind == "pass":
+            x = node.inputs[0]
+            if isinstance(node.fn, nn.LayerNorm):
+                return layer_norm_constant_std(node.fn, x, z, center=not self.detach_mean)
+            gate = gelu_gate(node.fn) if self.gate else None
+            if gate is not None:
+                xd = x.detach()
+                return override_gradient(x, z, lambda g: g * gate(xd))
+        return z
+
+    def __repr__(self):
+        return f"DetachedGradient(detach_mean={self.detach_mean}, gate={self.gate})"
+
+
+class LibraGrad(DetachedGradient):
+    """LibraGrad (Mehri, Baghshah, Pilehvar, CVPR 2025) on the adapters' blocks: the attention
+    probabilities constant (no gradient to Q and K), LayerNorm's σ constant (its centring kept),
+    gated activations' gates constant. docs/methods.md states the rules and what is left out."""
+
+    name = "libragrad"
+
+    def __init__(self):
+        super().__init__(detach_mean=False, gate=True)
+
+    def __repr__(self):
+        return "LibraGrad()"

@@ -6,6 +6,8 @@ the recorded ops with one `RuleSet`, summing relevance where a tensor fanned out
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -38,14 +40,35 @@ class Node:
     tag: tuple | None = None  # e.g. ("attn_value", block) on the A·V product
 
 
+_GRADIENT_RULES: contextvars.ContextVar = contextvars.ContextVar("tape_gradient_rules", default=None)
+
+
+@contextlib.contextmanager
+def gradient_rules(rules):
+    """Every `Tape` created inside this block (i.e. every recorded forward an adapter runs) hands
+    each op's output to `rules.start()`'s `wrap(node)`, which may give it a modified backward (a
+    tensor hook, or an output whose gradient is its own): the forward values are unchanged, and
+    one `torch.autograd.grad` then computes a modified gradient (AttnLRP, CP-LRP, LibraGrad:
+    `lrp/attnlrp.py`). `rules=None` switches it off."""
+    token = _GRADIENT_RULES.set(rules)
+    try:
+        yield rules
+    finally:
+        _GRADIENT_RULES.reset(token)
+
+
 class Tape:
     """Records the ops of a forward pass. With `record=False` it only computes (no overhead)."""
 
     def __init__(self, record: bool = True):
         self.record = record
         self.nodes: list[Node] = []
+        rules = _GRADIENT_RULES.get()
+        self.gradient = rules.start() if rules is not None else None  # see `gradient_rules`
 
     def _push(self, node: Node) -> torch.Tensor:
+        if self.gradient is not None and node.out.requires_grad:
+            node.out = self.gradient.wrap(node)
         if self.record:
             self.nodes.append(node)
         return node.out

@@ -48,7 +48,7 @@ def _packed_qkv(mha: nn.MultiheadAttention) -> nn.Linear:
 
 
 def _finish(sk: nn.Module, source: nn.Module, mean, std, family: str) -> nn.Module:
-    left = [n for n, p in sk.named_parameters() if p.is_meta]
+    left = [n for n, p in sk.named_parameters() if p.is_meta] + [n for n, b in sk.named_buffers() if b.is_meta]
     if left:
         raise UserError(f"This {family} model has parts the canonizer does not map ({', '.join(left[:3])}): it is not supported yet.")
     sk.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std)}
@@ -261,9 +261,148 @@ def timm_beit(model: nn.Module) -> nn.Module:
     return _finish(sk, model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), "BEiT")
 
 
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _fused_qkv_zero_missing(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> nn.Linear:
+    """One qkv linear from three, where a projection without a bias (BEiT's key) gets a zero one."""
+    w = q.weight
+    lin = nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features, bias=True, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+        lin.bias.copy_(torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features, dtype=w.dtype, device=w.device)
+                                  for p in (q, k, v)]))
+    return lin.requires_grad_(False)
+
+
+def _hf_layers(core: nn.Module, family: str):
+    layers = getattr(core, "layers", None)
+    if layers is None or not hasattr(layers[0], "attention") or not hasattr(layers[0].attention, "q_proj"):
+        raise UserError(f"This {family} model has the transformers 4 layout: only the transformers 5 layout is supported.")
+    return layers
+
+
+class HFBeitRelPos(nn.Module):
+    """A Hugging Face BEiT layer's additive attention bias: its own relative position bias and the
+    model's shared one (either may be absent), as transformers computes them for the model's grid;
+    (1, heads, N, N)."""
+
+    def __init__(self, own: nn.Module | None, shared: nn.Module | None, grid: tuple):
+        super().__init__()
+        self.own, self.shared, self.grid = own, shared, tuple(grid)
+
+    def forward(self) -> torch.Tensor:
+        parts = [m(self.grid, interpolate_pos_encoding=False) for m in (self.own, self.shared) if m is not None]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def hf_beit(model: nn.Module, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> nn.Module:
+    """Hugging Face BeitForImageClassification on timm's ViT layout: relative position bias per
+    layer and/or shared (added to the attention logits), q and v biases without a k bias, layer
+    scale, and either the class token with a final LayerNorm or the mean of the patch tokens with
+    the pooler's LayerNorm (timm's fc_norm)."""
+    cfg = model.config
+    core = model.beit
+    layers = _hf_layers(core, "Hugging Face BEiT")
+    if getattr(cfg, "hidden_act", "gelu") != "gelu":
+        raise UserError(f"This Hugging Face BEiT uses the {cfg.hidden_act!r} activation: only GELU models are supported.")
+    if not isinstance(model.classifier, nn.Linear):
+        raise UserError("This Hugging Face BEiT has no classifier (num_labels=0): it is not an image classifier.")
+    image, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+    grid = (image[0] // patch[0], image[1] // patch[1])
+    mean_pool = bool(cfg.use_mean_pooling)
+    scaled = isinstance(layers[0].lambda_1, nn.Parameter)
+    first = layers[0]
+    sk = _skeleton(False, img_size=image, patch_size=patch, in_chans=cfg.num_channels, num_classes=cfg.num_labels,
+                   embed_dim=cfg.hidden_size, depth=len(layers), num_heads=cfg.num_attention_heads,
+                   mlp_ratio=first.mlp.fc1.out_features / cfg.hidden_size, qkv_bias=True,
+                   init_values=1.0 if scaled else None, global_pool="avg" if mean_pool else "token", fc_norm=mean_pool)
+    emb = core.embeddings
+    sk.patch_embed.proj = emb.patch_embeddings.projection
+    sk.cls_token = emb.cls_token
+    if emb.position_embeddings is not None:
+        sk.pos_embed = emb.position_embeddings
+    else:  # relative positions only: an absolute embedding of zeros keeps the ViT layout
+        _as_buffer(sk, "pos_embed", torch.zeros(1, grid[0] * grid[1] + 1, cfg.hidden_size, dtype=emb.cls_token.dtype,
+                                                device=emb.cls_token.device))
+    for blk, layer in zip(sk.blocks, layers):
+        a = layer.attention
+        if a.head_dim != blk.attn.head_dim:
+            raise UserError(f"This Hugging Face BEiT has heads of width {a.head_dim} (not hidden/heads): it is not supported yet.")
+        blk.norm1, blk.norm2 = layer.layernorm_before, layer.layernorm_after
+        blk.attn.qkv, blk.attn.proj = _fused_qkv_zero_missing(a.q_proj, a.k_proj, a.v_proj), a.o_proj
+        blk.attn.scale = a.scaling
+        if layer.relative_position_bias is not None or core.shared_position_bias is not None:
+            blk.attn.rel_pos = HFBeitRelPos(layer.relative_position_bias, core.shared_position_bias, grid)
+        blk.mlp.fc1, blk.mlp.act, blk.mlp.fc2 = layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2
+        if scaled:
+            blk.ls1.gamma, blk.ls2.gamma = layer.lambda_1, layer.lambda_2
+    sk.norm = core.layernorm  # Identity with mean pooling
+    sk.fc_norm = core.pooler.layernorm if mean_pool else nn.Identity()
+    sk.head = model.classifier
+    return _finish(sk, model, mean, std, "Hugging Face BEiT")
+
+
+def hf_swin(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> nn.Module:
+    """Hugging Face SwinForImageClassification on a timm `SwinTransformer` skeleton (the Swin
+    adapter). The two compute the same: the same window partition, cyclic shift by -⌊window/2⌋ on
+    odd blocks, -100 mask between shifted regions, relative position index and bias table layout,
+    and the same 2x2 patch-merging order (rows 0,1 of column 0, then of column 1); Hugging Face
+    merges at the end of a stage, timm at the start of the next, the same sequence of ops. Only the
+    separate q, k, v linears are concatenated (a copy); every other module is the model's own."""
+    from timm.models.swin_transformer import SwinTransformer, get_relative_position_index
+
+    cfg = model.config
+    core = model.swin
+    if getattr(cfg, "hidden_act", "gelu") != "gelu":
+        raise UserError(f"This Hugging Face Swin uses the {cfg.hidden_act!r} activation: only GELU models are supported.")
+    if not isinstance(model.classifier, nn.Linear):
+        raise UserError("This Hugging Face Swin has no classifier (num_labels=0): it is not an image classifier.")
+    image, patch = _pair(cfg.image_size), _pair(cfg.patch_size)
+    if image[0] % patch[0] or image[1] % patch[1]:
+        raise UserError(f"This Hugging Face Swin pads its {image} images to whole {patch} patches: it is not supported yet.")
+    with torch.device("meta"):
+        sk = SwinTransformer(img_size=image, patch_size=patch, in_chans=cfg.num_channels, num_classes=cfg.num_labels,
+                             embed_dim=cfg.embed_dim, depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads),
+                             window_size=cfg.window_size, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                             drop_path_rate=0.0)
+    emb = core.embeddings
+    sk.patch_embed.proj, sk.patch_embed.norm = emb.patch_embeddings.projection, emb.norm
+    if emb.position_embeddings is not None:  # added after the embedding's norm (read by the Swin adapter)
+        sk.absolute_pos_embed = emb.position_embeddings
+    stages = core.encoder.layers
+    for s, (stage, hf_stage) in enumerate(zip(sk.layers, stages)):
+        if s > 0:  # Hugging Face's downsample ends the previous stage
+            merge = stages[s - 1].downsample
+            stage.downsample.norm, stage.downsample.reduction = merge.norm, merge.reduction
+        for blk, layer in zip(stage.blocks, hf_stage.blocks):
+            a = layer.attention
+            res = tuple(blk.input_resolution)
+            clamp = min(res) <= layer.window_size
+            win = (min(res),) * 2 if clamp else (layer.window_size,) * 2
+            shift = (0, 0) if clamp else (layer.shift_size,) * 2
+            table = a.relative_position_bias.relative_position_bias_table
+            if (win, shift) != (tuple(blk.window_size), tuple(blk.shift_size)) or table.shape != blk.attn.relative_position_bias_table.shape:
+                raise UserError(f"Stage {s} of this Hugging Face Swin has a {res} grid whose windows transformers and timm "
+                                f"cut differently: it is not supported yet.")
+            blk.norm1, blk.norm2 = layer.layernorm_before, layer.layernorm_after
+            blk.attn.qkv, blk.attn.proj = _fused_qkv(a.q_proj, a.k_proj, a.v_proj), a.o_proj
+            blk.attn.relative_position_bias_table = table
+            blk.attn.scale = a.scaling
+            blk.attn.register_buffer("relative_position_index", get_relative_position_index(*win, device=table.device),
+                                     persistent=False)
+            blk.register_buffer("attn_mask", blk.get_attn_mask(device=table.device, dtype=table.dtype), persistent=False)
+            blk.mlp.fc1, blk.mlp.act, blk.mlp.fc2 = layer.mlp.fc1, layer.mlp.activation_fn, layer.mlp.fc2
+    sk.norm = core.layernorm
+    sk.head.fc = model.classifier
+    return _finish(sk, model, mean, std, "Hugging Face Swin")
+
+
 #: class name -> canonizer (torchvision's class is also called VisionTransformer: told apart by module)
 HF_VISION = {"ViTForImageClassification": hf_vit, "DeiTForImageClassification": hf_vit,
-             "DeiTForImageClassificationWithTeacher": hf_vit, "Beit": timm_beit}
+             "DeiTForImageClassificationWithTeacher": hf_vit, "Beit": timm_beit,
+             "BeitForImageClassification": hf_beit, "SwinForImageClassification": hf_swin}
 
 
 def canonize(model: nn.Module):

@@ -27,10 +27,14 @@ def as_adapter(model) -> EncoderAdapter:
 
     view = canonize(model)
     if view is not None:
-        return ViTAdapter(view)
+        model, name = view, type(view).__name__  # a timm-layout view (models/canonizers.py)
     if name in ("VisionTransformer", "VisionTransformerDistilled"):
         return ViTAdapter(model)
-    if name in ("SwinTransformer",):
+    if name == "Eva":  # EVA-02 and timm's other Eva models: rotary embeddings, SwiGLU (models/eva.py)
+        from .eva import EvaAdapter
+
+        return EvaAdapter(model)
+    if name in ("SwinTransformer", "SwinTransformerV2"):
         from .swin import SwinAdapter
 
         return SwinAdapter(model)

@@ -1,4 +1,13 @@
-"""Adapter for timm SwinTransformer (v1): windowed attention, shifted windows, patch merging.
+"""Adapter for timm SwinTransformer (v1 and v2): windowed attention, shifted windows, patch merging.
+
+Swin V2 (timm `SwinTransformerV2`) differs in four places, each recorded with the tape's existing
+kinds: cosine attention (q and k L2-normalised per head — a pass-through, like LayerNorm's
+division — then their product, then the learned per-head logit scale as a pass-through scale),
+the continuous position bias (16·sigmoid of a small MLP of the log-spaced relative coordinates: a
+constant added to the logits, like v1's table), res-post-norm (`x + norm1(attn(x))`,
+`x + norm2(mlp(x))`: the LayerNorm sits on the sublayer's output) and patch merging that
+normalises after its reduction. Its q and v biases (k has none) enter one qkv linear whose weight
+is the model's own. V2 blocks have no LayerNorm on their input tokens, so `ln_stats` is refused.
 
 The forward is re-run op by op from the model's own submodules through an LRP `Tape`, so the
 model object is never modified (the tests check that the recorded logits equal `model(x)`).
@@ -60,6 +69,30 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(n_batch, hh // 2, 2, ww // 2, 2, ch).permute(0, 1, 3, 4, 2, 5).flatten(3)
 
 
+class _QKVWithBias:
+    """Swin V2's qkv projection: the model's bias-free qkv linear (its weight, shared) with the
+    concatenated q, k (zero) and v biases, as timm's forward adds them."""
+
+    def __init__(self, attn: nn.Module):
+        self.weight = attn.qkv.weight
+        self.bias = torch.cat((attn.q_bias, attn.k_bias.to(attn.q_bias.dtype), attn.v_bias))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _l2_normalise(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=-1)
+
+
+def _cpb_bias(attn: nn.Module) -> torch.Tensor:
+    """Swin V2's continuous relative position bias, (1, heads, n, n), as timm computes it."""
+    n = attn.window_size[0] * attn.window_size[1]
+    table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+    bias = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+    return (16 * torch.sigmoid(bias)).unsqueeze(0)
+
+
 class SwinAdapter(EncoderAdapter):
     family = "swin"
     description = "Swin models (average-pooled, no class token)"
@@ -84,13 +117,21 @@ class SwinAdapter(EncoderAdapter):
         self.grid = tuple(pe.grid_size)  # stage-1 token grid: the resolution of every token map
         self.blocks = []  # (stage index, block module)
         self.stage_res = []  # token grid of each stage's blocks
+        #: Swin V2: cosine attention, continuous position bias, res-post-norm, norm after the merge
+        self.v2 = type(m).__name__ == "SwinTransformerV2"
+        block_type = "SwinTransformerV2Block" if self.v2 else "SwinTransformerBlock"
+        if self.v2:
+            self.description = "Swin V2 models (average-pooled, no class token; res-post-norm, no LayerNorm on a block's input)"
+            self.offers = frozenset(self.offers) - {"ln_stats"}
         for s, stage in enumerate(m.layers):
             if type(stage.downsample).__name__ not in ("PatchMerging", "Identity"):
                 _refuse(f"stage {s} downsamples with {type(stage.downsample).__name__}")
             self.stage_res.append(tuple(stage.output_resolution))
             for blk in stage.blocks:
-                if type(blk).__name__ != "SwinTransformerBlock" or getattr(blk, "dynamic_mask", False):
-                    _refuse(f"stage {s} has a {type(blk).__name__} block, not a Swin v1 block")
+                if type(blk).__name__ != block_type or getattr(blk, "dynamic_mask", False):
+                    _refuse(f"stage {s} has a {type(blk).__name__} block, not a {block_type}")
+                if self.v2 and getattr(blk.attn, "qkv_bias_separate", False):
+                    _refuse("Swin V2 with a separately added qkv bias is not handled yet")
                 if type(blk.mlp).__name__ != "Mlp":
                     _refuse(f"stage {s} has a {type(blk.mlp).__name__} MLP, not a plain two-layer MLP")
                 self.blocks.append((s, blk))
@@ -111,6 +152,9 @@ class SwinAdapter(EncoderAdapter):
         h = record_patch_embedding(tape, x, pe.proj, self.stem)
         h = tape.move(lambda t: t.permute(0, 2, 3, 1), h)  # NCHW -> NHWC
         h = tape.passthrough(pe.norm, h)
+        ape = getattr(m, "absolute_pos_embed", None)  # Hugging Face Swin's optional absolute embedding (after the norm)
+        if ape is not None:
+            h = tape.add(h, ape.reshape(1, *self.grid, -1).to(h.dtype))
         attentions, stats = [], []
         hidden = []  # per block: its output tokens (B, H, W, C) (used by legrad)
         inputs = []  # per block: the tokens entering it (B, H, W, C) (used by attcat)
@@ -119,8 +163,11 @@ class SwinAdapter(EncoderAdapter):
             ds = stage.downsample
             if not isinstance(ds, nn.Identity):
                 h = tape.move(_merge, h)
-                h = tape.passthrough(ds.norm, h)
-                h = tape.linear(h, ds.reduction)
+                if self.v2:  # V2: reduce, then normalise
+                    h = tape.passthrough(ds.norm, tape.linear(h, ds.reduction))
+                else:
+                    h = tape.passthrough(ds.norm, h)
+                    h = tape.linear(h, ds.reduction)
             for blk in stage.blocks:
                 with torch.no_grad():
                     var, mu = torch.var_mean(h.detach(), dim=-1, unbiased=False)
@@ -145,6 +192,8 @@ class SwinAdapter(EncoderAdapter):
         return trace
 
     def _block(self, tape: Tape, blk, x, b: int, sink: list | None = None):
+        if self.v2:
+            return self._block_v2(tape, blk, x, b, sink)
         attn = blk.attn
         n_batch, hh, ww, ch = x.shape
         win, shift = tuple(blk.window_size), tuple(blk.shift_size)
@@ -187,6 +236,59 @@ class SwinAdapter(EncoderAdapter):
         h = tape.passthrough(blk.mlp.norm, h)
         h = tape.linear(h, blk.mlp.fc2)
         h = tape.passthrough(blk.mlp.drop2, h)
+        h = tape.passthrough(blk.drop_path2, h)
+        if sink is not None:
+            sink[-1].update(mlp_in=x.detach(), mlp_out=h.detach())
+        x = tape.add(x, h)
+        return x, att
+
+    def _block_v2(self, tape: Tape, blk, x, b: int, sink: list | None = None):
+        """A Swin V2 block: cosine window attention with a learned logit scale and the continuous
+        position bias, each sublayer's output normalised before its residual addition."""
+        attn = blk.attn
+        n_batch, hh, ww, ch = x.shape
+        win, shift = tuple(blk.window_size), tuple(blk.shift_size)
+        heads = attn.num_heads
+        n = win[0] * win[1]
+        h = tape.move(lambda t: _to_windows(t, win, shift), x)
+        n_win = h.shape[0]
+        qkv = tape.linear(h, attn.qkv if attn.q_bias is None else _QKVWithBias(attn))
+        head_dim = qkv.shape[-1] // (3 * heads)
+
+        def part(i):
+            return lambda t: t.reshape(n_win, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[i]
+
+        q = tape.passthrough(_l2_normalise, tape.move(part(0), qkv))
+        k = tape.passthrough(_l2_normalise, tape.move(part(1), qkv))
+        v = tape.move(part(2), qkv)
+        scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
+        logit_scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        scores = tape.passthrough(lambda t: t * logit_scale, scores)
+        scores = tape.add(scores, _cpb_bias(attn).to(scores.dtype))
+        mask = blk.attn_mask
+        if mask is not None:  # (nW, n, n), repeated for each image of the batch
+            scores = tape.add(scores, mask.to(scores.dtype).unsqueeze(1).repeat(n_batch, 1, 1, 1))
+        att = tape.softmax(scores)
+        att = tape.passthrough(attn.attn_drop, att)
+        out = tape.matmul(att, v, tag=("attn_value", b))
+        out = tape.move(lambda t: t.transpose(1, 2).reshape(n_win, n, heads * head_dim), out)
+        out = tape.linear(out, attn.proj)
+        out = tape.passthrough(attn.proj_drop, out)
+        if sink is not None:  # each token as the attention sublayer alone transforms it (value, projection, norm), unmixed
+            with torch.no_grad():
+                alone = blk.norm1(attn.proj(_from_windows(v.transpose(1, 2).reshape(n_win, n, heads * head_dim), win, shift, hh, ww)))
+            sink.append({"attn_in": x.detach(), "attn_out": alone})
+        out = tape.move(lambda t: _from_windows(t, win, shift, hh, ww), out)
+        out = tape.passthrough(blk.norm1, out)
+        out = tape.passthrough(blk.drop_path1, out)
+        x = tape.add(x, out)
+        h = tape.linear(x, blk.mlp.fc1)
+        h = tape.passthrough(blk.mlp.act, h)
+        h = tape.passthrough(blk.mlp.drop1, h)
+        h = tape.passthrough(blk.mlp.norm, h)
+        h = tape.linear(h, blk.mlp.fc2)
+        h = tape.passthrough(blk.mlp.drop2, h)
+        h = tape.passthrough(blk.norm2, h)
         h = tape.passthrough(blk.drop_path2, h)
         if sink is not None:
             sink[-1].update(mlp_in=x.detach(), mlp_out=h.detach())

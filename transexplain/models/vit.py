@@ -12,7 +12,8 @@ from ..errors import UserError
 from ..lrp import Tape
 from .base import ClassTokenReadout, EncoderAdapter, Trace
 
-SUPPORTED = "timm VisionTransformer / DeiT with one class token, timm SwinTransformer, Hugging Face BERT-family classifiers"
+SUPPORTED = ("timm VisionTransformer / DeiT / BEiT, timm Eva (EVA-02), timm SwinTransformer (v1, v2), Hugging Face "
+             "ViT / DeiT / BEiT / Swin image classifiers, torchvision ViT, Hugging Face BERT-family classifiers")
 
 
 def _refuse(why: str):

@@ -30,6 +30,7 @@ class MetricSpec:
     needs_masks: bool = False
     text: bool = False
     source: str = ""
+    image: bool = True  # False: a text-only metric (ERASER's), left out of the image suite's 'all'
 
 
 METRICS = {spec.name: spec for spec in (
@@ -49,6 +50,9 @@ METRICS = {spec.name: spec for spec in (
     MetricSpec("infidelity", "robustness", False, source="Yeh et al. 2019"),
     MetricSpec("max_sensitivity", "robustness", False, source="Yeh et al. 2019"),
     MetricSpec("randomisation", "sanity", False, source="Adebayo et al. 2018"),
+    # text only (`evaluation.text_suite`): ERASER's comprehensiveness / sufficiency AOPC, per document
+    MetricSpec("comprehensiveness", "eraser", True, text=True, image=False, source="DeYoung et al. 2020 (ERASER)"),
+    MetricSpec("sufficiency", "eraser", False, text=True, image=False, source="DeYoung et al. 2020 (ERASER)"),
 )}
 
 
@@ -57,7 +61,7 @@ def resolve_metrics(text: str) -> list[str]:
     from ...errors import UserError
 
     if text.strip() == "all":
-        return list(METRICS)
+        return [m for m in METRICS if METRICS[m].image]
     names = [m.strip().lower().replace("-", "_") for m in text.split(",") if m.strip()]
     if not names:
         raise UserError("Give a metric with --metric (a name, a comma list, or 'all').")
