@@ -65,7 +65,7 @@ def common_config(loaded, methods, data, data_source, limit, crop, precision: st
             "std": list(loaded.std), "version": transexplain.__version__, "precision": precision,
             "batch_size": batch_size,
             # a CLIP zero-shot model is defined by its classes and prompt too (None for other models)
-            "zero_shot_classes": list(loaded.class_names) if loaded.name.startswith("clip:") else None}
+            "zero_shot_classes": list(loaded.class_names) if loaded.name.startswith(("clip:", "open_clip:")) else None}
 
 
 def embedded_default(data, key: str, what: str):
@@ -265,14 +265,15 @@ def segment(
 
 
 def report(
-    results: List[Path] = typer.Argument(..., help="HDF5 results files written by perturb, segment or eraser; files of one benchmark and the same settings (one per method, as the quick start writes) become one table."),
+    results: List[Path] = typer.Argument(..., help="HDF5 results files written by perturb, segment, eraser or evaluate; files of one benchmark and the same settings (one per method, as the quick start writes) become one table."),
     fmt: str = typer.Option("markdown", "--format", help="markdown, csv (every table), latex (booktabs, with a caption) or json."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the accuracy-vs-removed-fraction curves (or ERASER's token F1 over k) to this PNG."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the accuracy-vs-removed-fraction curves (or ERASER's token F1 over k) to this PNG; for an evaluate (metric suite) file, a folder (or a .png whose name prefixes the files) for one PNG per curve metric and the rank-agreement heatmap."),
 ):
     """Print results files as the paper's tables (methods as columns); optionally plot the curves.
 
     An unfinished run is reported too: its numbers cover the examples done so far and are marked
-    partial in every format.
+    partial in every format. A metric-suite file (`tx-bench evaluate`) prints the method x metric
+    table (best per column marked) and the Kendall-tau rank agreement between its metrics.
     """
     from ..results import ResultStore
     from ..results.tables import FORMATS, report_text
@@ -281,7 +282,8 @@ def report(
         raise UserError(f"Unknown --format {fmt!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}.")
     stores = [(path, ResultStore(path)) for path in results]
     eraser_files = [path for path, store in stores if store.benchmark == "eraser"]
-    image_files = [path for path, store in stores if store.benchmark != "eraser"]
+    suite_files = [path for path, store in stores if store.benchmark == "suite"]
+    image_files = [path for path, store in stores if store.benchmark not in ("eraser", "suite")]
     if plot is not None and len(results) > 1:
         raise UserError("--plot draws one results file: give one file with it.")
     parts = []
@@ -289,6 +291,15 @@ def report(
         parts.append(report_text(image_files, fmt))
     for path in eraser_files:
         parts.append(eraser_report(path, fmt))
+    for path in suite_files:
+        from ..results.suite_report import suite_report_json, suite_report_text
+
+        if fmt == "json":
+            import json
+
+            parts.append(json.dumps({"tables": [suite_report_json(path)]}, default=str))
+        else:
+            parts.append(suite_report_text(path, fmt))
     if fmt == "json":
         import json
 
@@ -296,7 +307,12 @@ def report(
         typer.echo(json.dumps({"tables": tables}, indent=2))
     else:
         typer.echo("\n\n".join(p.rstrip("\n") for p in parts))
-    if plot is not None:
+    if plot is not None and suite_files:
+        from ..results.plots import plot_suite
+
+        written = plot_suite(results[0], plot)["files"]
+        typer.echo(f"Plots written: {', '.join(map(str, written))}")
+    elif plot is not None:
         if eraser_files:
             from ..evaluation import eraser
 

@@ -9,9 +9,12 @@ explanations of perturbed inputs (max-sensitivity) and of the cascading randomis
 
 Store layout (`results.store.ResultStore`, resumable batch by batch, one writer):
 `images` (index, name, label, pred, p_clean), `<method>/<metric>` (value: (N,) float64, NaN where
-the metric is undefined for that image; curve metrics also `curve`, ROAD also `hits`,
-randomisation also `per_stage`), `skipped` (index, name). Summaries (mean over finite values, n,
-nan count) are recomputed from those rows.
+the metric is undefined for that image; curve metrics also their per-image curves, (N, points)
+float64 probabilities of the explained class: `curve` for insertion, deletion, mif, lif, aopc (the
+MoRF curve) and ROAD, `curve_morf` and `curve_lerf` for srg and abpc; ROAD also `hits`,
+randomisation also `per_stage`), `skipped` (index, name). A file written before srg / aopc / abpc
+stored their curves is resumed with its own columns (and plotted without those curves). Summaries
+(mean over finite values, n, nan count) are recomputed from those rows.
 """
 from __future__ import annotations
 
@@ -79,14 +82,37 @@ def cascading_randomisation(model, seed: int = 0) -> list:
     return out
 
 
-def _probs(model, inputs: torch.Tensor, target: torch.Tensor, forward_batch: int):
-    """Probabilities of `target` (one per input) and argmax predictions, in chunks."""
+def _chunks(parts, size: int):
+    """The inputs of `parts` (tensors of N_i inputs each, read in order) in chunks of `size` inputs:
+    slices of one part where they fall inside it, a small concatenation where a chunk spans parts (so
+    the copies of all metrics are never concatenated into one tensor)."""
+    pending, have = [], 0
+    for part in parts:
+        i = 0
+        while i < len(part):
+            take = min(size - have, len(part) - i)
+            pending.append(part[i:i + take])
+            have += take
+            i += take
+            if have == size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, have = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def _probs(model, inputs, target: torch.Tensor, forward_batch: int):
+    """Probabilities of `target` (one per input) and argmax predictions, in chunks of `forward_batch`
+    inputs; `inputs`: one tensor or a list of tensors read one after the other."""
+    parts = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
     p, a = [], []
+    start = 0
     with torch.no_grad():
-        for i in range(0, len(inputs), forward_batch):
-            prob = torch.softmax(model(inputs[i:i + forward_batch]), -1)
-            p.append(prob.gather(1, target[i:i + forward_batch].view(-1, 1))[:, 0])
+        for chunk in _chunks(parts, forward_batch):
+            prob = torch.softmax(model(chunk), -1)
+            p.append(prob.gather(1, target[start:start + len(chunk)].view(-1, 1))[:, 0])
             a.append(prob.argmax(-1))
+            start += len(chunk)
     return torch.cat(p).double().cpu().numpy(), torch.cat(a).cpu().numpy()
 
 
@@ -144,7 +170,7 @@ def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill
     probs, hits = {}, {}
     if keys:
         sizes = [copies[k].shape[1] for k in keys]
-        flat = torch.cat([copies[k].reshape(-1, *x.shape[1:]) for k in keys])
+        flat = [copies[k].reshape(-1, *x.shape[1:]) for k in keys]  # views: no copy of every metric's copies
         targets = torch.cat([pred.repeat_interleave(s) for s in sizes])
         p, a = _probs(model, flat, targets, forward_batch)
         start = 0
@@ -163,11 +189,13 @@ def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill
         elif m == "lif":
             out[m] = {"value": curves.lif(probs["lerf"], maps_np), "curve": probs["lerf"]}
         elif m == "srg":
-            out[m] = {"value": curves.srg(probs["morf"], probs["lerf"], maps_np)}
+            out[m] = {"value": curves.srg(probs["morf"], probs["lerf"], maps_np), "curve_morf": probs["morf"],
+                      "curve_lerf": probs["lerf"]}
         elif m == "aopc":
-            out[m] = {"value": curves.aopc(probs["morf"], maps_np)}
+            out[m] = {"value": curves.aopc(probs["morf"], maps_np), "curve": probs["morf"]}
         elif m == "abpc":
-            out[m] = {"value": curves.abpc(probs["lerf"], probs["morf"], maps_np)}
+            out[m] = {"value": curves.abpc(probs["lerf"], probs["morf"], maps_np), "curve_morf": probs["morf"],
+                      "curve_lerf": probs["lerf"]}
         elif m in ("road_morf", "road_lerf"):
             out[m] = {"value": road.road(probs[m], maps_np), "curve": probs[m], "hits": hits[m]}
         elif m == "saco":
@@ -225,6 +253,16 @@ def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int
 
         return explain_fn
 
+    # a resumed file keeps the columns its groups already have (a file written before the curves of
+    # srg / aopc / abpc were stored stays as it was: no column half filled)
+    kept_columns: dict = {}
+
+    def columns(group: str, cols: dict) -> dict:
+        if group not in kept_columns:
+            kept_columns[group] = set(store.names(group)) if store.done(group) else None
+        keep = kept_columns[group]
+        return cols if keep is None else {k: v for k, v in cols.items() if k in keep}
+
     loader, start, stop = batches(data, store, shard, limit, batch_size, num_workers, device)
     bar = progress_bar(stop, start, quiet, "evaluate")
     interrupt.progress(start, stop)
@@ -248,7 +286,8 @@ def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int
                 scores = score_method(model, explainer_of(method), x, pred, p_clean, masks, metrics, opts, fill_black,
                                       forward_batch, noise_for, randomised)
                 for m, cols in scores.items():
-                    rows[f"{method}/{m}"] = {"index": idx, **{k: np.asarray(v) for k, v in cols.items()}}
+                    group = f"{method}/{m}"
+                    rows[group] = columns(group, {"index": idx, **{k: np.asarray(v) for k, v in cols.items()}})
         store.write_batch(rows, position=batch.position)
         interrupt.progress(batch.position, stop)
         batches_done += 1

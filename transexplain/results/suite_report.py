@@ -24,6 +24,19 @@ def _cell(summary: dict, best: bool, fmt: str) -> str:
     return text
 
 
+def best_per_metric(table: dict, methods, metrics) -> dict:
+    """{metric: {methods with the best finite mean}} (the largest, or the smallest where lower is better)."""
+    from ..evaluation.metrics import METRICS
+
+    best = {}
+    for m in metrics:
+        vals = {meth: table[meth][m]["mean"] for meth in methods if np.isfinite(table[meth][m]["mean"])}
+        if vals:
+            target = (max if METRICS[m].higher_is_better else min)(vals.values())
+            best[m] = {meth for meth, v in vals.items() if v == target}
+    return best
+
+
 def suite_tables(store, fmt: str = "markdown") -> str:
     """Both tables of one suite results file."""
     from ..evaluation.metrics import METRICS
@@ -37,13 +50,7 @@ def suite_tables(store, fmt: str = "markdown") -> str:
     arrow = {m: "↑" if METRICS[m].higher_is_better else "↓" for m in metrics}
     if fmt == "latex":
         arrow = {m: r"$\uparrow$" if METRICS[m].higher_is_better else r"$\downarrow$" for m in metrics}
-    best = {}
-    for m in metrics:
-        vals = {meth: table[meth][m]["mean"] for meth in methods if np.isfinite(table[meth][m]["mean"])}
-        if vals:
-            pick = max if METRICS[m].higher_is_better else min
-            target = pick(vals.values())
-            best[m] = {meth for meth, v in vals.items() if v == target}
+    best = best_per_metric(table, methods, metrics)
     header = ["method"] + [f"{m} {arrow[m]}" for m in metrics]
     rows = [[meth] + [_cell(table[meth][m], meth in best.get(m, ()), fmt) for m in metrics] for meth in methods]
     mark = {"markdown": "bold", "latex": "bold", "csv": "marked *"}[fmt]
@@ -70,3 +77,30 @@ def suite_report_text(path, fmt: str = "markdown") -> str:
     body = suite_tables(store, fmt)
     notes = notes_under_table(store, "suite", fmt)
     return f"{head}\n\n{body}\n\n{notes}".rstrip("\n")
+
+
+def suite_report_json(path) -> dict:
+    """The report of one suite results file for machines: numbers as numbers (null for NaN)."""
+    from ..evaluation.metrics import METRICS
+    from ..evaluation.suite import rank_agreement, summarise
+    from . import ResultStore
+    from .tables import partial_label, reporting_view
+
+    def num(v):
+        return float(v) if v is not None and np.isfinite(v) else None
+
+    store = reporting_view(ResultStore(Path(path)))
+    methods = list(store.config.get("methods", []))
+    metrics = list(store.config.get("metrics", []))
+    table = summarise(store, methods, metrics)
+    best = best_per_metric(table, methods, metrics)
+    tau = rank_agreement(table, metrics)
+    return {
+        "benchmark": "suite", "files": [str(path)], "complete": bool(store.is_complete), "partial": partial_label(store),
+        "header": run_description(store), "methods": methods, "metrics": metrics,
+        "higher_is_better": {m: bool(METRICS[m].higher_is_better) for m in metrics},
+        "values": {meth: {m: {"mean": num(table[meth][m]["mean"]), "n": table[meth][m]["n"], "nan": table[meth][m]["nan"]}
+                          for m in metrics} for meth in methods},
+        "best": {m: [meth for meth in methods if meth in chosen] for m, chosen in best.items()}, "rank_agreement": [[num(t) for t in row] for row in tau],
+        "environment": store.environments, "config": store.config,
+    }
