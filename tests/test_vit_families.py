@@ -124,3 +124,21 @@ def test_attention_pooling_is_refused_with_the_reason():
     model = make_vit(global_pool="map")
     with pytest.raises(UserError, match="MAP head"):
         as_adapter(model)
+
+
+@pytest.mark.parametrize("method", ["rollout", "transformer_attribution", "ln_stats"])
+def test_default_start_layer_is_clamped_on_a_one_block_vit(method):
+    """The reference's default start layer (1: skip the first block) would leave nothing to propagate
+    on a one-block model; the default then starts at its only block, which equals start_layer=0."""
+    import timm
+
+    from transexplain import explain
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=16,
+                              depth=1, num_heads=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    default = explain(model, x, method=method).token_map
+    explicit = explain(model, x, method=method, start_layer=0).token_map
+    assert torch.isfinite(default).all()
+    assert torch.equal(default, explicit)

@@ -44,7 +44,8 @@ class Rollout(Explainer):
             trace = adapter.run(x)
         start = self.options["start_layer"]
         if start is None:
-            start = getattr(adapter, "default_rollout_start_layer", 1)
+            # clamped to the last block, so that a one-block model still has one layer to roll out
+            start = min(getattr(adapter, "default_rollout_start_layer", 1), len(trace.attentions) - 1)
         _check_start(start, len(trace.attentions))
         v = adapter.readout(trace)
         for b in range(len(trace.attentions) - 1, start - 1, -1):

@@ -72,7 +72,7 @@ class LNStats(Explainer):
         n_blocks = adapter.num_blocks
         start = self.options["start_layer"]
         if start is None:
-            start = adapter.default_start_layer
+            start = min(adapter.default_start_layer, n_blocks - 1)  # a one-block model: its only block
         _check_start(start, n_blocks)
         trace, target, result = relevance_pass(adapter, x, target, _rule_set(self.options["rule_set"], self.options["epsilon"]), start)
         stats = trace.extras.get("ln_stats")

@@ -53,7 +53,7 @@ class TransformerAttribution(Explainer):
         n_blocks = adapter.num_blocks
         start = self.options["start_layer"]
         if start is None:
-            start = adapter.default_start_layer
+            start = min(adapter.default_start_layer, n_blocks - 1)  # a one-block model: its only block
         _check_start(start, n_blocks)
         row_norm = self.options["row_normalize"]
         if row_norm is None:
