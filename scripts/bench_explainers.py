@@ -10,8 +10,20 @@ RSS after loading the model), next to that of a plain forward+backward.
 
     python scripts/bench_explainers.py [--model vit_base_patch16_224] [--batches 1 8] [--repeats 3] [--device cuda]
 
-`--model` takes a timm name or another family's `--model` form (torchvision:vit_b_16, hf:FOLDER):
-the per-family ratios of issue 16 come from running it once per family.
+`--model` takes a timm name or another family's `--model` form (torchvision:vit_b_16, hf:FOLDER).
+
+    python scripts/bench_explainers.py --families [--repeats 2] [--methods ...]
+
+`--families` times every family of `transexplain.models.families.FAMILIES` at one CPU-affordable
+size (`BENCH`: ViT-Ti's width 192, 3 heads of 64, MLP 768, but 2 blocks and 112x112 images, i.e.
+49 patches + the class token; Swin: embedding width 32, heads 1-2-4 (head width 32, as Swin-T),
+depths 1-1-2 at 112x112, window 7; text: 50 tokens, a 30522-word vocabulary), batch 8, float32,
+CPU, each method as a ratio to that family's own
+plain forward, in interleaved rounds per family. It prints the family x method table, each family's
+forward time and forward+backward ratio, and the (family, method) cells that differ by more than
+20% from the timm ViT's ratio at the same size. The many-gradient methods (integrated gradients,
+SmoothGrad, the Beyond-Intuition methods) are left out by default: their cost is a fixed number of
+forward+backward passes, which the forward+backward column gives per family.
 
 Targets are in units of a plain forward, except those of the methods that are many gradients
 (integrated gradients, SmoothGrad: `TARGETS_FWD_BWD`), which are in units of one forward+backward,
@@ -101,6 +113,171 @@ def memory_child(name, method, batch, precision):
     print(json.dumps({"peak_mb_per_image": max(peak - base, 0) / 1024 / batch}))
 
 
+#: the size of every family in `--families`
+BENCH = dict(width=192, heads=3, mlp=768, depth=2, img=112, patch=16, swin_embed=32, swin_depths=(1, 1, 2),
+             swin_heads=(1, 2, 4), window=7, text_tokens=50, batch=8)
+#: left out of `--families` unless named with --methods (a fixed number of gradients each)
+MANY_GRADIENTS = ("random", "integrated_gradients", "smoothgrad", "bt_h", "bt_t")
+REFERENCE_FAMILY = "timm ViT / DeiT (class token)"
+
+
+def bench_instance(family):
+    """(model, batch) of `family` at the `BENCH` size, seeded random weights. The family's tiny
+    builder says which class (and for timm, which architecture and options); the sizes are replaced."""
+    import transformers
+    from transexplain.models.families import FAMILIES, _recorded_timm_calls
+
+    b = BENCH
+    torch.manual_seed(0)
+    with _recorded_timm_calls() as calls:
+        tiny = FAMILIES[family][1]().eval()
+    name = type(tiny).__name__
+    images = torch.randn(b["batch"], 3, b["img"], b["img"])
+    swin_hf = dict(image_size=b["img"], patch_size=4, embed_dim=b["swin_embed"], depths=list(b["swin_depths"]),
+                   num_heads=list(b["swin_heads"]), window_size=b["window"])
+    vit_hf = dict(image_size=b["img"], patch_size=b["patch"], hidden_size=b["width"], num_hidden_layers=b["depth"],
+                  num_attention_heads=b["heads"], intermediate_size=b["mlp"])
+    torch.manual_seed(0)
+    if getattr(tiny, "canonized_from", None) == "CLIPModel":
+        from transexplain.models.canonizers import clip_vit
+
+        config = transformers.CLIPConfig(
+            text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             max_position_embeddings=20, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+            vision_config=vit_hf, projection_dim=512)
+        return clip_vit(transformers.CLIPModel(config), torch.randn(1000, 512)).eval(), images
+    if name.endswith("ForSequenceClassification"):
+        config = tiny.config
+        sizes = dict(hidden_size=b["width"], num_hidden_layers=b["depth"], num_attention_heads=b["heads"],
+                     intermediate_size=b["mlp"], dim=b["width"], n_layers=b["depth"], n_heads=b["heads"],
+                     hidden_dim=b["mlp"], embedding_size=b["width"], vocab_size=30522, max_position_embeddings=512,
+                     position_buckets=256, pooler_hidden_size=b["width"])
+        for key, value in sizes.items():
+            if key in config.to_dict():
+                setattr(config, key, value)
+        config.num_labels = 2
+        model = type(tiny)(config).eval()
+        ids = torch.randint(1000, 30000, (b["batch"], b["text_tokens"]))
+        ids[:, 0] = 101
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if calls:
+        import timm
+
+        arch, kwargs = calls[-1]
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "num_classes")}
+        if "depths" in kwargs:
+            kwargs.update(img_size=b["img"], patch_size=4, embed_dim=b["swin_embed"], depths=b["swin_depths"],
+                          num_heads=b["swin_heads"], window_size=b["window"])
+        else:
+            kwargs.update(img_size=b["img"], patch_size=b["patch"], embed_dim=b["width"], depth=b["depth"],
+                          num_heads=b["heads"])
+        return timm.create_model(arch, pretrained=False, num_classes=1000, **kwargs).eval(), images
+    if name == "VisionTransformer":  # torchvision
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(image_size=b["img"], patch_size=b["patch"], num_layers=b["depth"], num_heads=b["heads"],
+                                 hidden_dim=b["width"], mlp_dim=b["mlp"]).eval(), images
+    if isinstance(tiny, transformers.PreTrainedModel):
+        config = tiny.config
+        for key, value in {**vit_hf, **(swin_hf if "depths" in config.to_dict() else {})}.items():
+            if key in config.to_dict():
+                setattr(config, key, value)
+        if "depths" in config.to_dict():  # Swin: the stage count and the last stage's width follow the depths
+            config.num_layers = len(b["swin_depths"])
+            config.hidden_size = int(b["swin_embed"] * 2 ** (len(b["swin_depths"]) - 1))
+        config.num_labels = 1000
+        return type(tiny)(config).eval(), images
+    raise ValueError(f"no bench size for {family} ({name})")
+
+
+def _forward(model, x):
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return getattr(out, "logits", out)  # Hugging Face models return an output object
+
+
+def families_main(args):
+    """The family x method table of ratios to each family's own plain forward (float32, CPU)."""
+    from transexplain.explainers import method_names
+    from transexplain.explainers.base import refusal
+    from transexplain.models import as_adapter
+    from transexplain.models.families import FAMILIES
+
+    methods = args.methods or [m for m in method_names() if m not in MANY_GRADIENTS]
+    print(f"families at {BENCH}, float32, CPU threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"load average {' '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}", flush=True)
+    table, fwd_ms, fwd_bwd, skipped = {}, {}, {}, {}
+    families = [REFERENCE_FAMILY] + [f for f in FAMILIES if f != REFERENCE_FAMILY]
+    if args.only:
+        families = [f for f in families if f == REFERENCE_FAMILY or any(o.lower() in f.lower() for o in args.only)]
+    for family in families:
+        t_family = time.perf_counter()
+        try:
+            model, x = bench_instance(family)
+            adapter = as_adapter(model)
+        except Exception as err:  # a family the bench cannot size: said, not fatal
+            skipped[family] = f"{type(err).__name__}: {err}"
+            print(f"{family}: skipped ({skipped[family]})", flush=True)
+            continue
+        runnable = [m for m in methods if refusal(m, adapter) is None]
+
+        def call(m):
+            if m == "forward":
+                with torch.no_grad():
+                    _forward(model, x)
+            elif m == "forward+backward":
+                _forward(model, x).max(-1).values.sum().backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                import transexplain
+
+                transexplain.explain(adapter, x, m, precision="float32")
+
+        entries = ["forward", "forward+backward"] + runnable
+        for m in entries:
+            call(m)
+        times = {m: [] for m in entries}
+        for _ in range(args.repeats):
+            for m in entries:
+                t0 = time.perf_counter()
+                call(m)
+                times[m].append(time.perf_counter() - t0)
+        fwd = statistics.median(times["forward"])
+        fwd_ms[family] = fwd * 1000
+        fwd_bwd[family] = statistics.median(times["forward+backward"]) / fwd
+        table[family] = {m: statistics.median(times[m]) / fwd for m in runnable}
+        print(f"{family}: forward {fwd * 1000:.0f} ms, forward+backward {fwd_bwd[family]:.2f} x "
+              f"({time.perf_counter() - t_family:.0f} s): " + ", ".join(f"{m} {r:.2f}" for m, r in table[family].items()),
+              flush=True)
+    print_family_table(table, fwd_ms, fwd_bwd, methods, skipped)
+
+
+def print_family_table(table, fwd_ms, fwd_bwd, methods, skipped):
+    ref = table.get(REFERENCE_FAMILY, {})
+    fams = list(table)
+    print("\n| method | " + " | ".join(fams) + " |")
+    print("|---|" + "---|" * len(fams))
+    print("| plain forward, ms (batch 8) | " + " | ".join(f"{fwd_ms[f]:.0f}" for f in fams) + " |")
+    print("| forward+backward | " + " | ".join(f"{fwd_bwd[f]:.2f}" for f in fams) + " |")
+    for m in methods:
+        cells = []
+        for f in fams:
+            r = table[f].get(m)
+            if r is None:
+                cells.append("–")
+                continue
+            flag = "**" if m in ref and abs(r / ref[m] - 1) > 0.2 else ""
+            cells.append(f"{flag}{r:.2f}{flag}")
+        print(f"| `{m}` | " + " | ".join(cells) + " |")
+    print("\nDiffering by more than 20% from the timm ViT's ratio (bold above):")
+    for f in fams[1:]:
+        off = [f"{m} {table[f][m]:.2f} vs {ref[m]:.2f}" for m in methods if m in table[f] and m in ref
+               and abs(table[f][m] / ref[m] - 1) > 0.2]
+        if off:
+            print(f"- {f}: " + "; ".join(off))
+    for f, why in skipped.items():
+        print(f"- {f}: not timed ({why})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_base_patch16_224")
@@ -110,8 +287,13 @@ def main():
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--families", action="store_true", help="every family at one CPU-affordable size (see the docstring)")
+    ap.add_argument("--only", nargs="+", help="with --families: only the families whose name contains one of these (and the reference)")
     ap.add_argument("--_memory_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.families:
+        families_main(args)
+        return
     if args._memory_child:
         name, method, batch, precision = args._memory_child
         memory_child(name, method, int(batch), precision)

@@ -186,21 +186,7 @@ def test_merge_by_hand_refuses_missing_unfinished_foreign_and_mixed_shards(fixtu
 def test_merge_by_hand_of_complete_shards_equals_one_process(fixtures, tmp_path, run):
     """Shards gathered from several machines: `tx-bench merge` writes the one-process file. The
     shards are cut by hand from the one-process file, as three ranks would have written them."""
-    from transexplain.evaluation import sharding
-    from transexplain.results.store import ResultStore
-
-    one = ResultStore(fixtures["one"])
-    for rank in range(3):
-        shard = sharding.Shard(rank, 3, block=2)
-        mine = list(shard.indices(12))
-        rows = {}
-        for group in one.row_groups():
-            keep = np.isin(one.read(group, "index"), mine)
-            rows[group] = {name: one.read(group, name)[keep] for name in one.names(group)}
-        config = {**one.config, sharding.SHARD_KEY: shard.settings}
-        with ResultStore(sharding.shard_path(tmp_path / "run.h5", rank, 3), config, benchmark="perturbation") as s:
-            s.write_batch(rows, position=len(mine))
-            s.mark_complete()
+    cut_shards(fixtures["one"], tmp_path / "run.h5", world=3, block=2)
     shards = sorted(tmp_path.glob("run.shard-*.h5"))
     merged = tmp_path / "merged.h5"
     done = run("merge", *shards, "--out", merged)
@@ -209,6 +195,41 @@ def test_merge_by_hand_of_complete_shards_equals_one_process(fixtures, tmp_path,
     assert_same_records(fixtures["one"], merged)
     again = run("merge", *shards, "--out", merged)
     assert again.returncode == 2 and "use --overwrite" in again.stderr
+
+
+def cut_shards(path, out, world: int, block: int):
+    """Cut a one-process results file into the shards `world` ranks would have written beside `out`."""
+    from transexplain.evaluation import sharding
+    from transexplain.results.store import ResultStore
+
+    one = ResultStore(path)
+    total = max(len(one.read(g, "index")) for g in one.row_groups())
+    for rank in range(world):
+        shard = sharding.Shard(rank, world, block=block)
+        mine = list(shard.indices(total))
+        rows = {}
+        for group in one.row_groups():
+            keep = np.isin(one.read(group, "index"), mine)
+            rows[group] = {name: one.read(group, name)[keep] for name in one.names(group)}
+        config = {**one.config, sharding.SHARD_KEY: shard.settings}
+        with ResultStore(sharding.shard_path(out, rank, world), config, benchmark=one.benchmark) as s:
+            s.write_batch(rows, position=len(mine))
+            s.mark_complete()
+
+
+def test_merge_by_hand_of_metric_suite_shards_prints_the_suite_report(fixtures, tmp_path, run):
+    """`tx-bench merge` of `evaluate` shards: the one-process file again, and the suite's report
+    (method x metric table, rank agreement) printed, as `tx-bench report` prints it."""
+    one = tmp_path / "one.h5"
+    done = run("evaluate", "--method", "rollout,random", "--metric", "deletion,pointing_game", "--data", fixtures["seg"],
+               "--model", fixtures["ckpt"], "--batch-size", 2, "--limit", 6, "--quiet", "--num-workers", 0, "--out", one)
+    assert done.returncode == 0, done.stderr
+    cut_shards(one, tmp_path / "run.h5", world=2, block=2)
+    merged = tmp_path / "merged.h5"
+    done = run("merge", *sorted(tmp_path.glob("run.shard-*.h5")), "--out", merged)
+    assert done.returncode == 0, done.stderr
+    assert "Kendall" in done.stdout and "pointing_game" in done.stdout and "Merged 2 shards" in done.stdout
+    assert_same_records(one, merged)
 
 
 # ---------------------------------------------------------------------------------------- units

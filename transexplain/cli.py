@@ -77,7 +77,7 @@ def methods_cmd(
 @app.command("explain")
 def explain_cmd(
     images: List[Path] = typer.Argument(None, help="Image files (PNG, JPEG, ...) or folders of them to explain; outputs never overwrite each other (clashing names get their folder's name in front)."),
-    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm name, a checkpoint (.safetensors or its directory), hf:NAME_OR_FOLDER, torchvision:NAME or clip:NAME_OR_FOLDER (see docs/models.md)."),
+    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm name, a checkpoint (.safetensors or its directory), hf:NAME_OR_FOLDER, torchvision:NAME, clip:NAME_OR_FOLDER or open_clip:ARCH:WEIGHTS_FILE / open_clip:FOLDER (see docs/models.md)."),
     method: str = typer.Option("transformer_attribution", "--method", help="Method name (see `tx-bench methods`)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="'all' (or a comma list): write one comparison grid of these methods side by side."),
     target: Optional[int] = typer.Option(None, "--target", help="Class index to explain (default: the predicted class)."),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 
-CLASSES_HELP = "With --model clip:PATH: the zero-shot classes, a comma list (e.g. the data's class folder names)."
+CLASSES_HELP = "With --model clip:PATH or open_clip:...: the zero-shot classes, a comma list (e.g. the data's class folder names)."
 PROMPT_HELP = "With --classes: the text each class name is written into ({} marks where)."
 
 

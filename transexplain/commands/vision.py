@@ -1,6 +1,7 @@
 """`tx-bench perturb`, `tx-bench segment` and `tx-bench report`: the image benchmarks and their tables."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -281,32 +282,11 @@ def report(
     if fmt not in FORMATS:
         raise UserError(f"Unknown --format {fmt!r}: choose {', '.join(FORMATS[:-1])} or {FORMATS[-1]}.")
     stores = [(path, ResultStore(path)) for path in results]
-    eraser_files = [path for path, store in stores if store.benchmark == "eraser"]
     suite_files = [path for path, store in stores if store.benchmark == "suite"]
-    image_files = [path for path, store in stores if store.benchmark not in ("eraser", "suite")]
+    eraser_files = [path for path, store in stores if store.benchmark == "eraser"]
     if plot is not None and len(results) > 1:
         raise UserError("--plot draws one results file: give one file with it.")
-    parts = []
-    if image_files:
-        parts.append(report_text(image_files, fmt))
-    for path in eraser_files:
-        parts.append(eraser_report(path, fmt))
-    for path in suite_files:
-        from ..results.suite_report import suite_report_json, suite_report_text
-
-        if fmt == "json":
-            import json
-
-            parts.append(json.dumps({"tables": [suite_report_json(path)]}, default=str))
-        else:
-            parts.append(suite_report_text(path, fmt))
-    if fmt == "json":
-        import json
-
-        tables = [t for part in parts for t in json.loads(part)["tables"]]
-        typer.echo(json.dumps({"tables": tables}, indent=2))
-    else:
-        typer.echo("\n\n".join(p.rstrip("\n") for p in parts))
+    typer.echo(report_of(results, fmt))
     if plot is not None and suite_files:
         from ..results.plots import plot_suite
 
@@ -322,6 +302,32 @@ def report(
 
             plot_curves(results[0], plot)
         typer.echo(f"Plot written to {plot}")
+
+
+def report_of(results, fmt: str = "markdown") -> str:
+    """The report of results files of any benchmark (perturbation / segmentation tables, ERASER, the
+    metric suite), in one format: what `tx-bench report` prints and `merge` prints after merging."""
+    from ..results import ResultStore
+    from ..results.tables import report_text
+
+    results = [Path(results)] if isinstance(results, (str, Path)) else list(results)
+    stores = [(path, ResultStore(path)) for path in results]
+    image_files = [path for path, store in stores if store.benchmark not in ("eraser", "suite")]
+    parts = []
+    if image_files:
+        parts.append(report_text(image_files, fmt))
+    for path, store in stores:
+        if store.benchmark == "eraser":
+            parts.append(eraser_report(path, fmt))
+        elif store.benchmark == "suite":
+            from ..results.suite_report import suite_report_json, suite_report_text
+
+            parts.append(json.dumps({"tables": [suite_report_json(path)]}, default=str) if fmt == "json"
+                         else suite_report_text(path, fmt))
+    if fmt == "json":
+        tables = [t for part in parts for t in json.loads(part)["tables"]]
+        return json.dumps({"tables": tables}, indent=2)
+    return "\n\n".join(p.rstrip("\n") for p in parts)
 
 
 def eraser_report(path: Path, fmt: str) -> str:
@@ -354,7 +360,7 @@ def merge(
     check_output_path(out)
     merge_shards(shards, out, overwrite=overwrite)
     store = ResultStore(out)
-    typer.echo(eraser_report(out, "markdown") if store.benchmark == "eraser" else report_text(out, "markdown"))
+    typer.echo(report_of(out, "markdown"))
     typer.echo(f"Merged {len(shards)} shards into {out}")
 
 

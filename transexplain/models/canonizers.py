@@ -183,17 +183,22 @@ def clip_vit(model: nn.Module, text_embeds: torch.Tensor, mean=(0.48145466, 0.45
     return _finish(sk, model, mean, std, "CLIP")
 
 
-def zero_shot_classifier(model: nn.Module, tokenizer, classes, prompt: str = "a photo of a {}") -> nn.Module:
-    """A CLIPModel as a classifier over `classes`: each class's text embedding is CLIP's embedding of
-    `prompt` with the class name put in, and the logits are CLIP's image-text logits."""
+def zero_shot_prompts(classes, prompt: str = "a photo of a {}"):
+    """(class names, prompt texts) of a zero-shot classifier, checked (HF CLIP and open_clip alike)."""
     classes = [str(c).strip() for c in classes if str(c).strip()]
     if len(classes) < 2:
         raise UserError("A CLIP zero-shot classifier needs at least two classes: give them with --classes a,b,...")
     if "{}" not in prompt:
         raise UserError(f"The prompt {prompt!r} has no {{}} for the class name: write it like 'a photo of a {{}}'.")
+    return classes, [prompt.format(c) for c in classes]
+
+
+def zero_shot_classifier(model: nn.Module, tokenizer, classes, prompt: str = "a photo of a {}") -> nn.Module:
+    """A CLIPModel as a classifier over `classes`: each class's text embedding is CLIP's embedding of
+    `prompt` with the class name put in, and the logits are CLIP's image-text logits."""
+    classes, texts = zero_shot_prompts(classes, prompt)
     import copy
 
-    texts = [prompt.format(c) for c in classes]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     # the text embeddings in float64 (a copy of the text tower), like every other number by default
     text = copy.deepcopy(nn.ModuleDict({"model": model.text_model, "proj": model.text_projection})).double().cpu().eval()
@@ -412,6 +417,10 @@ def canonize(model: nn.Module):
         return HF_VISION[name](model)
     if name == "VisionTransformer" and type(model).__module__.startswith("torchvision"):
         return torchvision_vit(model)
+    if name in ("CLIP", "CustomTextCLIP", "CoCa") and type(model).__module__.startswith("open_clip"):
+        raise UserError("An open_clip model is not a classifier by itself: make one with "
+                        "transexplain.models.open_clip.zero_shot_classifier(model, tokenizer, classes), "
+                        "or give --model open_clip:ARCH:WEIGHTS --classes a,b,...")
     if name == "CLIPModel":
         raise UserError("A CLIPModel is not a classifier by itself: make one with "
                         "transexplain.models.canonizers.zero_shot_classifier(model, tokenizer, classes), "

@@ -4,8 +4,11 @@ A checkpoint is a `.safetensors` file (or a directory holding `model.safetensors
 `config.json` beside it that carries what timm's pretrained_cfg carries:
 `{"architecture": timm name, "model_kwargs": {...}, "num_classes": int, "input_size": [3, H, W],
 "mean": [...], "std": [...], "class_names": [...]}`, optionally with `"conv_stem": [channels...]`
-for a ViT whose patch embedding is a convolutional stem (see `add_conv_stem`). A `.pth`/`.pt` file
-holding a state dict is also accepted for a timm name given with `--arch`.
+for a ViT whose patch embedding is a convolutional stem (see `add_conv_stem`). The architecture
+`"torchvision:VisionTransformer"` names torchvision's ViT class instead, built from `model_kwargs`
+(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim) and seen through timm's layout
+like `torchvision:NAME` (a ViT of any size, e.g. a tiny random one, as a local folder).
+A `.pth`/`.pt` file holding a state dict is also accepted for a timm name given with `--arch`.
 """
 from __future__ import annotations
 
@@ -67,8 +70,20 @@ def add_conv_stem(model: torch.nn.Module, channels) -> torch.nn.Module:
 
 
 def build_timm(cfg: dict) -> torch.nn.Module:
-    """The model a checkpoint's config.json describes (timm architecture, kwargs, optional conv stem)."""
+    """The model a checkpoint's config.json describes (timm architecture, kwargs, optional conv stem;
+    or torchvision's VisionTransformer)."""
     import timm
+
+    if str(cfg["architecture"]).startswith("torchvision:"):
+        if cfg["architecture"] != "torchvision:VisionTransformer":
+            raise UserError(f"Unknown checkpoint architecture {cfg['architecture']!r}: of torchvision's models only "
+                            f"'torchvision:VisionTransformer' is supported.")
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        try:
+            return VisionTransformer(num_classes=cfg.get("num_classes", 1000), **cfg.get("model_kwargs", {}))
+        except TypeError as err:
+            raise UserError(f"torchvision's VisionTransformer does not take the model_kwargs of this checkpoint ({err}).") from None
 
     model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes", 1000),
                               **cfg.get("model_kwargs", {}))
@@ -122,6 +137,8 @@ def load_checkpoint(path: Path, random_weights: bool = False) -> LoadedModel:
 
 def _finish_checkpoint(model, cfg: dict, weights: Path, weights_hash: str, label: str) -> LoadedModel:
     model.eval()
+    if str(cfg["architecture"]).startswith("torchvision:"):
+        model = _canonical(model, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), str(weights))
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "mean": tuple(cfg.get("mean", (0.5,) * 3)),
                             "std": tuple(cfg.get("std", (0.5,) * 3)), "input_size": input_size}
@@ -171,7 +188,8 @@ def load_model(spec: str | None = "embedded", num_classes: int | None = None, pr
     """`spec`: 'embedded' (default), 'embedded-swin', a timm model name (also as `timm:NAME`), a
     checkpoint path, `hf:NAME_OR_FOLDER` (a Hugging Face image classifier), `torchvision:NAME`, or
     `clip:NAME_OR_FOLDER` (a Hugging Face CLIPModel as a zero-shot classifier over `classes`, each
-    written into `prompt`).
+    written into `prompt`), or `open_clip:ARCH:WEIGHTS_FILE` / `open_clip:FOLDER` (an open_clip model
+    the same way; models/open_clip.py).
 
     A timm name loads its pretrained weights from the local cache (never from the network; a
     missing cache entry is a one-line UserError saying how to provide them). `random_weights`
@@ -187,8 +205,12 @@ def load_model(spec: str | None = "embedded", num_classes: int | None = None, pr
         return (load_hf_vision if family == "hf" else load_torchvision)(rest, random_weights=random_weights)
     if sep and family == "clip" and rest:
         return load_clip(rest, classes, prompt, random_weights=random_weights)
+    if sep and family == "open_clip" and rest:
+        from .open_clip import load_open_clip
+
+        return load_open_clip(rest, classes, prompt, random_weights=random_weights)
     if classes:
-        raise UserError("--classes applies to CLIP models only (--model clip:PATH): drop it, or give a CLIP model.")
+        raise UserError("--classes applies to CLIP models only (--model clip:PATH or open_clip:...): drop it, or give a CLIP model.")
     if sep and family == "timm" and rest:
         spec = rest
     if spec in EMBEDDED:
@@ -241,8 +263,8 @@ def _canonical(model: torch.nn.Module, mean, std, what: str) -> torch.nn.Module:
 
     view = canonize(model.eval())
     if view is None:
-        raise UserError(f"{what} is a {type(model).__name__}: supported here are Hugging Face ViT and DeiT image "
-                        f"classifiers and torchvision's VisionTransformer.")
+        raise UserError(f"{what} is a {type(model).__name__}: supported here are Hugging Face ViT, DeiT, Swin and BEiT "
+                        f"image classifiers and torchvision's VisionTransformer.")
     view.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std)}
     return view
 

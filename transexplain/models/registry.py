@@ -10,10 +10,11 @@ from .vit import SUPPORTED, ViTAdapter
 
 def adapter_classes() -> dict:
     """Every architecture family with its adapter class (for the method x architecture matrix)."""
+    from .decoder import DecoderAdapter
     from .swin import SwinAdapter
     from .text import TextAdapter
 
-    return {cls.family: cls for cls in (ViTAdapter, SwinAdapter, TextAdapter)}
+    return {cls.family: cls for cls in (ViTAdapter, SwinAdapter, TextAdapter, DecoderAdapter)}
 
 
 def as_adapter(model) -> EncoderAdapter:
@@ -38,6 +39,10 @@ def as_adapter(model) -> EncoderAdapter:
         from .swin import SwinAdapter
 
         return SwinAdapter(model)
+    if name in ("GPT2LMHeadModel", "LlamaForCausalLM"):  # decoder-only LMs: the next-token logit (models/decoder.py)
+        from .decoder import DecoderAdapter
+
+        return DecoderAdapter(model)
     if name.endswith("ForSequenceClassification"):
         from .text import TextAdapter
 

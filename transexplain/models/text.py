@@ -1,8 +1,10 @@
 """Adapter for Hugging Face BERT-family sequence classifiers, and the embedded text model.
 
 Covered (and tested): `BertForSequenceClassification`, `RobertaForSequenceClassification`,
-`ElectraForSequenceClassification` -- one post-norm encoder layout, three classifier heads.
-Other text models (DistilBERT, ALBERT, DeBERTa, ...) are refused with a one-sentence UserError.
+`ElectraForSequenceClassification`, `DistilBertForSequenceClassification` (its modules seen under
+BERT's names) and `DebertaV2ForSequenceClassification` (disentangled relative attention, recorded
+by `text_deberta.py`) -- one post-norm encoder layout, several classifier heads. Other text models
+(ALBERT, ...) are refused with a one-sentence UserError.
 
 The forward is re-run op by op through the LRP `Tape` from the model's own submodules:
 relevance is not propagated into the embeddings (the embedding output is the start of the tape, and
@@ -28,7 +30,12 @@ from ..lrp import Tape
 from .base import CAPABILITIES, ClassTokenReadout, EncoderAdapter, Trace
 
 SUPPORTED_TEXT = ("BertForSequenceClassification, RobertaForSequenceClassification, ElectraForSequenceClassification, "
-                  "DistilBertForSequenceClassification")
+                  "DistilBertForSequenceClassification, DebertaV2ForSequenceClassification")
+#: class name -> (kind, attribute of the encoder)
+_KINDS = {"BertForSequenceClassification": ("bert", "bert"), "RobertaForSequenceClassification": ("roberta", "roberta"),
+          "ElectraForSequenceClassification": ("electra", "electra"),
+          "DistilBertForSequenceClassification": ("distilbert", "distilbert"),
+          "DebertaV2ForSequenceClassification": ("deberta", "deberta")}
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded_text"
 
 
@@ -86,6 +93,20 @@ def _bert_named(layer: nn.Module) -> nn.Module:
     )
 
 
+def _deberta_named(layer: nn.Module) -> nn.Module:
+    """A DeBERTa-v2 layer under BERT's names (no copies): query/key/value are its *_proj, and
+    `attention.self.disentangled` is its own DisentangledSelfAttention (for the relative terms)."""
+    sa = layer.attention.self
+    view = nn.Module()
+    view.attention = nn.Module()
+    view.attention.self = nn.Module()
+    for name, mod in (("query", sa.query_proj), ("key", sa.key_proj), ("value", sa.value_proj), ("disentangled", sa)):
+        setattr(view.attention.self, name, mod)
+    view.attention.self.attention_head_size = sa.attention_head_size
+    view.attention.output, view.intermediate, view.output = layer.attention.output, layer.intermediate, layer.output
+    return view
+
+
 def _refuse(why: str):
     raise UserError(f"This text model is not supported: {why}. Supported text models: {SUPPORTED_TEXT}.")
 
@@ -104,15 +125,22 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
     def __init__(self, model: nn.Module, tokenizer=None, max_length: int | None = None):
         super().__init__(model)
         name = type(model).__name__
-        kind = {"BertForSequenceClassification": "bert", "RobertaForSequenceClassification": "roberta",
-                "ElectraForSequenceClassification": "electra", "DistilBertForSequenceClassification": "distilbert"}.get(name)
+        kind, attr = _KINDS.get(name, (None, None))
         if kind is None:
             _refuse(f"{name} has a different layer layout")
         self.kind = kind
-        self.encoder = getattr(model, kind)
-        #: the layers under BERT's module names (DistilBERT's are renamed views of its own modules)
-        self.layers = ([_bert_named(layer) for layer in self.encoder.transformer.layer] if kind == "distilbert"
-                       else list(self.encoder.encoder.layer))
+        self.encoder = getattr(model, attr)
+        if kind == "deberta":
+            from . import text_deberta
+
+            text_deberta.check(model)
+        #: the layers under BERT's module names (DistilBERT's and DeBERTa's are renamed views of its own modules)
+        if kind == "distilbert":
+            self.layers = [_bert_named(layer) for layer in self.encoder.transformer.layer]
+        elif kind == "deberta":
+            self.layers = [_deberta_named(layer) for layer in self.encoder.encoder.layer]
+        else:
+            self.layers = list(self.encoder.encoder.layer)
         cfg = model.config
         if getattr(cfg, "is_decoder", False) or getattr(cfg, "add_cross_attention", False):
             _refuse("the model is configured as a decoder")
@@ -191,6 +219,8 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         kwargs = {"input_ids": x.input_ids}
         if x.token_type_ids is not None and self.kind != "distilbert":  # DistilBERT has no segment embedding
             kwargs["token_type_ids"] = x.token_type_ids
+        if self.kind == "deberta":  # its embeddings zero the padding tokens themselves
+            kwargs["mask"] = x.attention_mask
         h = enc.embeddings(**kwargs)
         proj = getattr(enc, "embeddings_project", None)
         if proj is not None:
@@ -208,13 +238,20 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
             h = h.detach().requires_grad_(True)
         start = h
         dtype = h.dtype
-        bias = (1.0 - x.attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        rel = None
+        if self.kind == "deberta":
+            from . import text_deberta
+
+            bias = text_deberta.pair_mask_bias(x.attention_mask, dtype)
+            rel = text_deberta.relative_context(self.encoder, h)
+        else:
+            bias = (1.0 - x.attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         attentions = []
         hidden = []  # per layer: its output tokens (B, N, D) (used by legrad)
         inputs = []  # per layer: the tokens entering it (B, N, D) (used by bt_t and attcat)
         for b, layer in enumerate(self.layers):
             inputs.append(h)
-            h, att = self._block(tape, layer, h, bias, b, sink)
+            h, att = self._block(tape, layer, h, bias, b, sink, rel)
             attentions.append(att)
             hidden.append(h)
         logits = self._head(tape, h)
@@ -222,7 +259,7 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
                      extras={"attention_mask": x.attention_mask, "special_mask": x.special_mask,
                              "hidden": hidden, "block_inputs": inputs, "sublayers": sink})
 
-    def _block(self, tape: Tape, layer, x, bias, b: int, sink: list | None = None):
+    def _block(self, tape: Tape, layer, x, bias, b: int, sink: list | None = None, rel: dict | None = None):
         sa = layer.attention.self
         n_batch, n_tok, _ = x.shape
         heads = self.num_heads
@@ -234,9 +271,14 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         q = tape.move(split, tape.linear(x, sa.query))
         k = tape.move(split, tape.linear(x, sa.key))
         v = tape.move(split, tape.linear(x, sa.value))
-        scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
-        scale = 1.0 / math.sqrt(d)
-        scores = tape.passthrough(lambda t: t * scale, scores)
+        if self.kind == "deberta":  # content + relative-position logits (text_deberta.py)
+            from .text_deberta import attention_logits
+
+            scores = attention_logits(tape, sa.disentangled, q, k, rel, b)
+        else:
+            scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
+            scale = 1.0 / math.sqrt(d)
+            scores = tape.passthrough(lambda t: t * scale, scores)
         scores = tape.add(scores, bias)
         att = tape.softmax(scores)
         ctx = tape.matmul(att, v, tag=("attn_value", b))
@@ -263,6 +305,12 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         if self.kind == "distilbert":  # pre_classifier, ReLU, classifier
             pooled = tape.linear(cls, m.pre_classifier)
             pooled = tape.passthrough(torch.relu, pooled)
+            return tape.linear(pooled, m.classifier)
+        if self.kind == "deberta":  # ContextPooler: dense, its activation; then the classifier
+            from transformers.activations import ACT2FN
+
+            pooled = tape.linear(cls, m.pooler.dense)
+            pooled = tape.passthrough(ACT2FN[m.pooler.config.pooler_hidden_act], pooled)
             return tape.linear(pooled, m.classifier)
         if self.kind == "bert":
             pooled = tape.linear(cls, self.encoder.pooler.dense)
