@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
-from .commands.common import CLASSES_HELP, PROMPT_HELP, split_classes
+from .commands.common import CLASSES_HELP, OPTION_HELP, PROMPT_HELP, split_classes
 from .precision import HELP as PRECISION_HELP
 
 app = typer.Typer(
@@ -89,7 +89,7 @@ def explain_cmd(
     precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
     classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
     prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
-    option: Optional[List[str]] = typer.Option(None, "--option", help="A method option KEY=VALUE (repeatable), e.g. libragrad=true or steps=50: the options of `tx-bench methods` and docs/methods.md."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class.
 
@@ -99,9 +99,8 @@ def explain_cmd(
     from .precision import check_precision
 
     precision = check_precision(precision)
-    options = _method_options(option)
     if text is not None:
-        if options:
+        if option:
             raise UserError("--option is not taken with --text yet: use transexplain.explain(..., **options) from Python.")
         from .commands.text import explain_text
 
@@ -113,29 +112,7 @@ def explain_cmd(
 
     explain_images(images, model_spec=model, method=method, methods=methods, target=target, out=out, crop=crop,
                    pretrained=not random_weights, precision=precision, classes=split_classes(classes),
-                   prompt=prompt, options=options)
-
-
-def _method_options(pairs) -> dict:
-    """`--option KEY=VALUE` pairs as keyword options: true/false, integers and decimals as such, the rest as text."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE (e.g. libragrad=true)", param_hint="--option")
-        value = value.strip()
-        if value.lower() in ("true", "false"):
-            parsed = value.lower() == "true"
-        else:
-            try:
-                parsed = int(value)
-            except ValueError:
-                try:
-                    parsed = float(value)
-                except ValueError:
-                    parsed = value
-        options[key.strip()] = parsed
-    return options
+                   prompt=prompt, options=option)
 
 
 def _register_commands():

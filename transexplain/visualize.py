@@ -123,13 +123,15 @@ def _explain_in_chunks(explain, model, batch, method, target, precision, chunk: 
 
 def explain_images(paths, model_spec, method, methods, target, out: Path, crop: bool = False, pretrained: bool = False,
                    precision: str = "float64", classes=None, prompt: str = "a photo of a {}", options=None):
-    """The work behind `tx-bench explain IMAGE...`; the maps are computed in `precision`."""
+    """The work behind `tx-bench explain IMAGE...`; the maps are computed in `precision`; `options`: the
+    `--option` pairs (commands.common.method_options)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from .api import explain
+    from .commands.common import method_options
     from .explainers import get_method, method_names
     from .models.loading import load_model
 
@@ -152,7 +154,9 @@ def explain_images(paths, model_spec, method, methods, target, out: Path, crop: 
         chosen = method_names() if methods == "all" else [get_method(m.strip()).name for m in methods.split(",")]
     else:
         chosen = [get_method(method).name]
-    results = {m: _explain_in_chunks(explain, loaded.model, batch, m, target, precision, options=options) for m in chosen}
+    per_method = method_options(options, chosen)
+    results = {m: _explain_in_chunks(explain, loaded.model, batch, m, target, precision, options=per_method.get(m))
+               for m in chosen}
     first = results[chosen[0]]
     for i, p in enumerate(paths):
         pred = int(first.logits[i].argmax())

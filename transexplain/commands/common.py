@@ -35,3 +35,66 @@ def resolve_methods(spec: str, adapter=None) -> list:
             if reason:
                 raise UserError(reason)
     return names
+
+
+OPTION_HELP = ("A method option KEY=VALUE (repeatable), e.g. libragrad=true or steps=50, for every chosen method that "
+               "has it; METHOD.KEY=VALUE for one method. The options of `tx-bench methods` and docs/methods.md.")
+
+
+def _parse_value(value: str):
+    """true/false, integers and decimals as such, the rest as text."""
+    value = value.strip()
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_options(pairs) -> list:
+    """`--option` pairs -> [(method or None, key, value)]; a malformed pair is refused in one sentence."""
+    parsed = []
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--option {pair!r} is not KEY=VALUE: write e.g. --option libragrad=true "
+                            "(or METHOD.KEY=VALUE for one method).")
+        method, dot, name = key.rpartition(".")
+        parsed.append((method if dot else None, name, _parse_value(value)))
+    return parsed
+
+
+def method_options(pairs, methods) -> dict:
+    """`--option` pairs -> {method: {key: value}} for the chosen `methods`, the same for every command.
+
+    KEY=VALUE goes to every chosen method that has the option KEY; METHOD.KEY=VALUE to that method
+    only. An option that no chosen method has, or a METHOD that is not chosen, is refused in one
+    sentence before any work is done.
+    """
+    from ..explainers import get_method
+
+    out = {}
+    for method, key, value in parse_options(pairs):
+        if method is not None:
+            name = get_method(method).name
+            if name not in methods:
+                raise UserError(f"--option {method}.{key}: {name} is not among the chosen methods "
+                                f"({', '.join(methods)}): add it to --method or drop the option.")
+            targets = [name]
+        else:
+            targets = [m for m in methods if key in get_method(m).defaults()]
+        for m in targets:
+            defaults = get_method(m).defaults()
+            if key not in defaults:
+                raise UserError(f"Method {m!r} has no option {key}: its options are {', '.join(defaults) or 'none'}.")
+            out.setdefault(m, {})[key] = value
+        if not targets:
+            raise UserError(f"--option {key}: none of the chosen methods ({', '.join(methods)}) has an option "
+                            f"{key!r}: see `tx-bench methods` for each method's options.")
+    for m, opts in out.items():
+        get_method(m)(**opts)  # values of the wrong kind are refused here, before any work
+    return out

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from ..errors import UserError
 from ..precision import HELP as PRECISION_HELP
-from .common import CLASSES_HELP, PROMPT_HELP, split_classes
+from .common import CLASSES_HELP, OPTION_HELP, PROMPT_HELP, method_options, split_classes
 from .vision import NUM_WORKERS_HELP
 
 #: model specs that name a text classifier (run by `evaluation.text_suite`)
@@ -151,6 +151,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/evaluate_<method>.h5)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
     fmt: str = typer.Option("markdown", "--format", help="Table format printed at the end: markdown, csv or latex."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """The metric suite: every chosen metric for every chosen method, side by side, and how far their rankings agree.
@@ -173,6 +174,9 @@ def evaluate(
     if fmt not in ("markdown", "csv", "latex"):
         raise UserError(f"Unknown --format {fmt!r}: choose markdown, csv or latex.")
     if _is_text_model(model):
+        if option:
+            raise UserError("--option is not taken with a text model yet: leave it out, or call "
+                            "transexplain.explain(..., **options) from Python.")
         return _evaluate_text(method, metric, data, labels, model, split, limit, batch_size, device, precision,
                               random_weights, classes, out, overwrite, fmt, quiet)
     metrics = resolve_metrics(metric)
@@ -183,13 +187,14 @@ def evaluate(
     if labels is not None and data is None:
         raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
     methods = resolve_methods(method)
+    options = method_options(option, methods)
     shard, device = sharded(device, batch_size)
     workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     dataset, data_path, source, _ = _open_data(data, labels, loaded, metrics)
     config = {"benchmark": "suite", **common_config(loaded, methods, data_path.resolve(), source, limit, False,
-                                                    precision, batch_size),
+                                                    precision, batch_size, options),
               "labels": str(Path(labels).resolve()) if labels else None, "metrics": metrics,
               "protocol": DEFAULT_OPTIONS}
     out = out or Path("results") / f"evaluate_{'all' if method == 'all' else '+'.join(methods)}.h5"
@@ -201,7 +206,7 @@ def evaluate(
     with open_results(out, config, overwrite, lambda store: run_suite(
             loaded, dataset, store, methods, metrics, limit=limit, batch_size=batch_size,
             forward_batch=max(256, batch_size), device=device, quiet=quiet, precision=precision,
-            num_workers=workers, shard=shard),
+            num_workers=workers, shard=shard, method_options=options),
             shard=shard, device=device, say=typer.echo, total=total,
             environment=collect_environment(precision, device)) as store:
         if store is not None:

@@ -10,7 +10,7 @@ import typer
 from ..errors import UserError
 from ..precision import BENCHMARK_HELP as BENCHMARK_PRECISION_HELP
 from ..results.paths import check_output_path
-from .common import CLASSES_HELP, PROMPT_HELP, resolve_methods, split_classes
+from .common import CLASSES_HELP, OPTION_HELP, PROMPT_HELP, method_options, resolve_methods, split_classes
 
 PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
@@ -54,11 +54,13 @@ def checkpoint_identity(loaded) -> tuple:
 
 
 def common_config(loaded, methods, data, data_source, limit, crop, precision: str = "float64",
-                  batch_size: int | None = None) -> dict:
+                  batch_size: int | None = None, method_options: dict | None = None) -> dict:
     import transexplain
 
     architecture, tag = checkpoint_identity(loaded)
-    return {"methods": methods, "model": loaded.name, "model_source": loaded.source,
+    # the `--option` settings, only when given (so the files of runs without them keep their settings)
+    extra = {"method_options": method_options} if method_options else {}
+    return {**extra, "methods": methods, "model": loaded.name, "model_source": loaded.source,
             "weights_hash": loaded.weights_hash, "weights": getattr(loaded, "weights", None) or None,
             "architecture": architecture, "pretrained_tag": tag,
             "data": str(data), "data_source": data_source, "limit": limit,
@@ -167,6 +169,7 @@ def perturb(
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
     crop: bool = typer.Option(False, "--crop", help="Resize to 256/224 of the input size and center-crop, instead of the paper's plain resize."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
+    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """ImageNet perturbation test: accuracy as the most (positive) / least (negative) relevant pixels are removed.
@@ -187,11 +190,13 @@ def perturb(
     if labels is not None and data is None:
         raise UserError("--labels needs --data: give the flat image folder the labels file describes.")
     methods = resolve_methods(method)
+    method_options(option, methods)  # a bad --option is refused before the model loads
     shard, device = sharded(device, batch_size)
     workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     methods = resolve_methods(method, as_adapter(loaded.model))
+    options = method_options(option, methods)
     data, source = embedded_default(data, "val", "validation set")
     pre = Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std, crop=crop)
     try:
@@ -200,7 +205,7 @@ def perturb(
     except PermissionError:
         raise UserError(f"Cannot read {data} (permission denied): give a readable image folder.") from None
     config = {"benchmark": "perturbation", **common_config(loaded, methods, Path(data).resolve(), source, limit, crop,
-                                                           precision, batch_size),
+                                                           precision, batch_size, options),
               "labels": str(Path(labels).resolve()) if labels else None, "tests": list(PERTURB_TESTS[test]),
               "targets": list(PERTURB_TARGETS[target]), "steps": list(PERTURBATION_STEPS),
               "removal": "black (0 in [0,1] space), top int(H*W*p) pixels, ties by stable flat index",
@@ -210,7 +215,8 @@ def perturb(
     run_resumable(out, config, overwrite, quiet, lambda store: run_perturbation(
         loaded, dataset, store, methods, tests=PERTURB_TESTS[test], targets=PERTURB_TARGETS[target], limit=limit,
         batch_size=batch_size, forward_batch=max(256, 9 * batch_size), device=device, save_maps=save_maps, quiet=quiet,
-        precision=precision, num_workers=workers, shard=shard), device=device, total=total, shard=shard)
+        precision=precision, num_workers=workers, shard=shard, method_options=options), device=device, total=total,
+        shard=shard)
     if dataset.converted:
         n = len(dataset.converted)
         typer.echo(f"Converted to RGB, as `tx-bench explain` does: {n} image{'s' if n != 1 else ''} "
@@ -233,6 +239,7 @@ def segment(
     save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
     crop: bool = typer.Option(False, "--crop", help="Not used by this benchmark (the protocol resizes image and mask alike); refused."),
     num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
+    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """ImageNet-Segmentation: pixel accuracy, mIoU and mAP of mean-thresholded maps against object masks."""
@@ -244,25 +251,27 @@ def segment(
     if crop:
         raise UserError("--crop does not apply to segment (image and mask are both resized to the model input): drop it.")
     methods = resolve_methods(method)
+    method_options(option, methods)  # a bad --option is refused before the model loads
     shard, device = sharded(device, batch_size)
     workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
     methods = resolve_methods(method, as_adapter(loaded.model))
+    options = method_options(option, methods)
     data, source = embedded_default(data, "seg", "segmentation set")
     try:
         seg = SegmentationData(data, Preprocess(tuple(loaded.input_size[1:]), loaded.mean, loaded.std))
     except PermissionError:
         raise UserError(f"Cannot read {data} (permission denied): give a readable gtsegs_ijcv.mat.") from None
     config = {"benchmark": "segmentation", **common_config(loaded, methods, Path(data).resolve(), source, limit, False,
-                                                           precision, batch_size),
+                                                           precision, batch_size, options),
               "target": "pred", "threshold": "mean", "mask_resize": "nearest", "save_maps": bool(save_maps)}
     out = out or Path("results") / f"segment_{'all' if method == 'all' else '+'.join(methods)}.h5"
     total = len(seg) if limit is None else min(limit, len(seg))
     run_resumable(out, config, overwrite, quiet, lambda store: run_segmentation(
         loaded, seg, store, methods, limit=limit, batch_size=batch_size, forward_batch=max(256, batch_size),
-        device=device, save_maps=save_maps, quiet=quiet, precision=precision, num_workers=workers, shard=shard),
-        device=device, total=total, shard=shard)
+        device=device, save_maps=save_maps, quiet=quiet, precision=precision, num_workers=workers, shard=shard,
+        method_options=options), device=device, total=total, shard=shard)
 
 
 def report(

@@ -99,6 +99,21 @@ def upsample(token_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(token_map.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
+def _check_option_type(method: str, key: str, default, value):
+    """An option whose default is a flag, a whole number or a number takes only that kind of value (so a
+    wrong `--option` value is refused when the method is set up, before any work)."""
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise UserError(f"Method {method!r}: option {key} must be {kind}, got {value!r}.")
+
+
 class Explainer:
     """One method. Subclasses set the class attributes and implement `scores`."""
 
@@ -117,6 +132,8 @@ class Explainer:
                 f"Method {self.name!r} has no option {', '.join(sorted(unknown))}: "
                 f"its options are {', '.join(self.defaults()) or 'none'}."
             )
+        for key, value in options.items():
+            _check_option_type(self.name, key, self.defaults()[key], value)
         self.options = {**self.defaults(), **options}
 
     @classmethod
