@@ -1,6 +1,8 @@
 """The explainer plugin interface, the method registry and the shared post-processing."""
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 
 import torch
@@ -105,9 +107,9 @@ def _check_option_type(method: str, key: str, default, value):
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"
     elif isinstance(default, int):
-        ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        ok, kind = isinstance(value, numbers.Integral) and not isinstance(value, bool), "a whole number"
     elif isinstance(default, float):
-        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        ok, kind = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
     else:
         return
     if not ok:
