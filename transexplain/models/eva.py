@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..lrp import Tape
 from .base import CAPABILITIES
-from .vit import ViTAdapter, _conv_stem, _refuse, input_channels
+from .vit import ViTAdapter, _refuse, read_geometry
 
 
 class _QKVWithBias:
@@ -117,17 +117,7 @@ class EvaAdapter(ViTAdapter):
             mlp = type(blk.mlp).__name__
             if mlp not in ("SwiGLU", "GluMlp", "Mlp") or (mlp == "GluMlp" and getattr(blk.mlp, "chunk_dim", -1) != -1):
                 _refuse(f"block {i} has a {mlp} MLP; SwiGLU (packed or not) and the plain two-layer MLP are handled")
-        pe = m.patch_embed
-        self.stem = _conv_stem(pe.proj)
-        self.patch_size = tuple(pe.patch_size)
-        self.grid = tuple(pe.grid_size)
-        self.input_size = (input_channels(pe.proj, self.stem), self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
-        self.num_blocks = len(m.blocks)
-        self.num_classes = m.num_classes
-        self.num_heads = m.blocks[0].attn.num_heads
-        cfg = getattr(m, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        read_geometry(self, m, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
     def with_model(self, model):
         return type(self)(model)

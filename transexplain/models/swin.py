@@ -192,27 +192,37 @@ class SwinAdapter(EncoderAdapter):
         return trace
 
     def _block(self, tape: Tape, blk, x, b: int, sink: list | None = None):
-        if self.v2:
-            return self._block_v2(tape, blk, x, b, sink)
+        # Swin V2 differs in four places: cosine attention with a learned logit scale (q and k L2-normalised),
+        # the continuous position bias, and each sublayer's norm applied to its output (post-norm)
+        v2 = self.v2
         attn = blk.attn
         n_batch, hh, ww, ch = x.shape
         win, shift = tuple(blk.window_size), tuple(blk.shift_size)
         heads = attn.num_heads
         n = win[0] * win[1]
-        h = tape.passthrough(blk.norm1, x)
+        h = x if v2 else tape.passthrough(blk.norm1, x)
         h = tape.move(lambda t: _to_windows(t, win, shift), h)
         n_win = h.shape[0]
-        qkv = tape.linear(h, attn.qkv)
+        qkv = tape.linear(h, _QKVWithBias(attn) if v2 and attn.q_bias is not None else attn.qkv)
         head_dim = qkv.shape[-1] // (3 * heads)
 
         def part(i):
             return lambda t: t.reshape(n_win, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[i]
 
-        q = tape.passthrough(lambda t: t * attn.scale, tape.move(part(0), qkv))
-        k = tape.move(part(1), qkv)
+        if v2:
+            q = tape.passthrough(_l2_normalise, tape.move(part(0), qkv))
+            k = tape.passthrough(_l2_normalise, tape.move(part(1), qkv))
+        else:
+            q = tape.passthrough(lambda t: t * attn.scale, tape.move(part(0), qkv))
+            k = tape.move(part(1), qkv)
         v = tape.move(part(2), qkv)
         scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
-        scores = tape.add(scores, attn._get_rel_pos_bias())
+        if v2:
+            logit_scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()
+            scores = tape.passthrough(lambda t: t * logit_scale, scores)
+            scores = tape.add(scores, _cpb_bias(attn).to(scores.dtype))
+        else:
+            scores = tape.add(scores, attn._get_rel_pos_bias())
         mask = blk.attn_mask
         if mask is not None:  # (nW, n, n), repeated for each image of the batch
             scores = tape.add(scores, mask.to(scores.dtype).unsqueeze(1).repeat(n_batch, 1, 1, 1))
@@ -222,73 +232,25 @@ class SwinAdapter(EncoderAdapter):
         out = tape.move(lambda t: t.transpose(1, 2).reshape(n_win, n, heads * head_dim), out)
         out = tape.linear(out, attn.proj)
         out = tape.passthrough(attn.proj_drop, out)
-        if sink is not None:  # each token as the attention sublayer alone transforms it (value, projection), unmixed
+        if sink is not None:  # each token as the attention sublayer alone transforms it (value, projection[, norm]), unmixed
             with torch.no_grad():
                 alone = attn.proj(_from_windows(v.transpose(1, 2).reshape(n_win, n, heads * head_dim), win, shift, hh, ww))
+                alone = blk.norm1(alone) if v2 else alone
             sink.append({"attn_in": x.detach(), "attn_out": alone})
         out = tape.move(lambda t: _from_windows(t, win, shift, hh, ww), out)
+        if v2:
+            out = tape.passthrough(blk.norm1, out)
         out = tape.passthrough(blk.drop_path1, out)
         x = tape.add(x, out)
-        h = tape.passthrough(blk.norm2, x)
+        h = x if v2 else tape.passthrough(blk.norm2, x)
         h = tape.linear(h, blk.mlp.fc1)
         h = tape.passthrough(blk.mlp.act, h)
         h = tape.passthrough(blk.mlp.drop1, h)
         h = tape.passthrough(blk.mlp.norm, h)
         h = tape.linear(h, blk.mlp.fc2)
         h = tape.passthrough(blk.mlp.drop2, h)
-        h = tape.passthrough(blk.drop_path2, h)
-        if sink is not None:
-            sink[-1].update(mlp_in=x.detach(), mlp_out=h.detach())
-        x = tape.add(x, h)
-        return x, att
-
-    def _block_v2(self, tape: Tape, blk, x, b: int, sink: list | None = None):
-        """A Swin V2 block: cosine window attention with a learned logit scale and the continuous
-        position bias, each sublayer's output normalised before its residual addition."""
-        attn = blk.attn
-        n_batch, hh, ww, ch = x.shape
-        win, shift = tuple(blk.window_size), tuple(blk.shift_size)
-        heads = attn.num_heads
-        n = win[0] * win[1]
-        h = tape.move(lambda t: _to_windows(t, win, shift), x)
-        n_win = h.shape[0]
-        qkv = tape.linear(h, attn.qkv if attn.q_bias is None else _QKVWithBias(attn))
-        head_dim = qkv.shape[-1] // (3 * heads)
-
-        def part(i):
-            return lambda t: t.reshape(n_win, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[i]
-
-        q = tape.passthrough(_l2_normalise, tape.move(part(0), qkv))
-        k = tape.passthrough(_l2_normalise, tape.move(part(1), qkv))
-        v = tape.move(part(2), qkv)
-        scores = tape.matmul(q, tape.move(lambda t: t.transpose(-2, -1), k), tag=("attn_scores", b))
-        logit_scale = torch.clamp(attn.logit_scale, max=math.log(1.0 / 0.01)).exp()
-        scores = tape.passthrough(lambda t: t * logit_scale, scores)
-        scores = tape.add(scores, _cpb_bias(attn).to(scores.dtype))
-        mask = blk.attn_mask
-        if mask is not None:  # (nW, n, n), repeated for each image of the batch
-            scores = tape.add(scores, mask.to(scores.dtype).unsqueeze(1).repeat(n_batch, 1, 1, 1))
-        att = tape.softmax(scores)
-        att = tape.passthrough(attn.attn_drop, att)
-        out = tape.matmul(att, v, tag=("attn_value", b))
-        out = tape.move(lambda t: t.transpose(1, 2).reshape(n_win, n, heads * head_dim), out)
-        out = tape.linear(out, attn.proj)
-        out = tape.passthrough(attn.proj_drop, out)
-        if sink is not None:  # each token as the attention sublayer alone transforms it (value, projection, norm), unmixed
-            with torch.no_grad():
-                alone = blk.norm1(attn.proj(_from_windows(v.transpose(1, 2).reshape(n_win, n, heads * head_dim), win, shift, hh, ww)))
-            sink.append({"attn_in": x.detach(), "attn_out": alone})
-        out = tape.move(lambda t: _from_windows(t, win, shift, hh, ww), out)
-        out = tape.passthrough(blk.norm1, out)
-        out = tape.passthrough(blk.drop_path1, out)
-        x = tape.add(x, out)
-        h = tape.linear(x, blk.mlp.fc1)
-        h = tape.passthrough(blk.mlp.act, h)
-        h = tape.passthrough(blk.mlp.drop1, h)
-        h = tape.passthrough(blk.mlp.norm, h)
-        h = tape.linear(h, blk.mlp.fc2)
-        h = tape.passthrough(blk.mlp.drop2, h)
-        h = tape.passthrough(blk.norm2, h)
+        if v2:
+            h = tape.passthrough(blk.norm2, h)
         h = tape.passthrough(blk.drop_path2, h)
         if sink is not None:
             sink[-1].update(mlp_in=x.detach(), mlp_out=h.detach())

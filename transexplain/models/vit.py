@@ -70,6 +70,23 @@ def record_patch_embedding(tape: Tape, x: torch.Tensor, proj: nn.Module, stem) -
     return h
 
 
+def read_geometry(adapter, m, mean, std):
+    """Set a timm ViT-like model's (ViT, EVA) patch geometry, input size, block / class / head counts
+    and its normalisation (the pretrained_cfg's, else `mean` and `std`) on `adapter`."""
+    pe = m.patch_embed
+    adapter.stem = _conv_stem(pe.proj)
+    adapter.patch_size = tuple(pe.patch_size)
+    adapter.grid = tuple(pe.grid_size)
+    adapter.input_size = (input_channels(pe.proj, adapter.stem), adapter.grid[0] * adapter.patch_size[0],
+                          adapter.grid[1] * adapter.patch_size[1])
+    adapter.num_blocks = len(m.blocks)
+    adapter.num_classes = m.num_classes
+    adapter.num_heads = m.blocks[0].attn.num_heads
+    cfg = getattr(m, "pretrained_cfg", None) or {}
+    adapter.mean = tuple(cfg.get("mean", mean))
+    adapter.std = tuple(cfg.get("std", std))
+
+
 class ViTAdapter(ClassTokenReadout, EncoderAdapter):
     family = "vit"
     default_start_layer = 1
@@ -112,17 +129,7 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
                 _refuse("gated attention is not handled yet")
             if not (hasattr(blk.mlp, "fc1") and hasattr(blk.mlp, "fc2")) or type(blk.mlp).__name__ != "Mlp":
                 _refuse(f"block {i} has a {type(blk.mlp).__name__} MLP, not a plain two-layer MLP")
-        pe = m.patch_embed
-        self.stem = _conv_stem(pe.proj)
-        self.patch_size = tuple(pe.patch_size)
-        self.grid = tuple(pe.grid_size)
-        self.input_size = (input_channels(pe.proj, self.stem), self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
-        self.num_blocks = len(m.blocks)
-        self.num_classes = m.num_classes
-        self.num_heads = m.blocks[0].attn.num_heads
-        cfg = getattr(m, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+        read_geometry(self, m, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     # -- the recorded forward --------------------------------------------------------------
     def run(self, x: torch.Tensor, record: bool = False, sublayers: bool = False) -> Trace:
