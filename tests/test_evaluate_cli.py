@@ -36,7 +36,8 @@ def test_mask_metric_on_data_without_masks_is_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("args,word", [(("--model", "embedded-text", "--metric", "road_morf"), "text model"),
-                                       (("--metric", "nope"), "Unknown metric")])
+                                       (("--metric", "nope"), "Unknown metric"),
+                                       (("--model", "embedded-swin", "--method", "bt_h"), "no class token")])
 def test_text_model_and_unknown_metric_are_refused(tmp_path, args, word):
     proc = tx("evaluate", "--method", "rollout", *args, "--out", tmp_path / "r.h5")
     assert proc.returncode == 2 and word in proc.stderr and _one_sentence(proc), proc.stderr

@@ -162,6 +162,7 @@ def evaluate(
     """
     from ..evaluation.metrics import resolve_metrics
     from ..evaluation.suite import DEFAULT_OPTIONS, run_suite
+    from ..models import as_adapter
     from ..models.loading import load_model
     from ..results.environment import collect_environment
     from ..results.paths import check_output_path
@@ -192,6 +193,9 @@ def evaluate(
     workers = num_workers_option(num_workers)
     precision = check_precision_option(precision)
     loaded = load_model(model, random_weights=random_weights, classes=split_classes(classes), prompt=prompt)
+    # 'all' is what this architecture can run; a named method it cannot run is refused before any work
+    methods = resolve_methods(method, as_adapter(loaded.model))
+    options = method_options(option, methods)
     dataset, data_path, source, _ = _open_data(data, labels, loaded, metrics)
     config = {"benchmark": "suite", **common_config(loaded, methods, data_path.resolve(), source, limit, False,
                                                     precision, batch_size, options),
