@@ -44,7 +44,7 @@ from ..errors import UserError
 from ..lrp import Tape
 from .base import CAPABILITIES, EncoderAdapter, Trace
 from .eva import _rotation, elementwise_product
-from .text import TextAdapter, TextBatch
+from .text import TextAdapter, TextBatch, ids_and_mask
 
 SUPPORTED_DECODERS = ("GPT2LMHeadModel", "LlamaForCausalLM")
 
@@ -164,13 +164,7 @@ class DecoderAdapter(EncoderAdapter):
             batch = tok(list(batch), padding=True, return_tensors="pt")
         if torch.is_tensor(batch):
             batch = {"input_ids": batch}
-        if not hasattr(batch, "keys") or "input_ids" not in batch:
-            raise UserError(f"Text input must be a tokenizer's output (with input_ids), token ids or strings, got {type(batch).__name__}.")
-        ids = torch.as_tensor(batch["input_ids"]).long()
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).long().reshape(ids.shape)
+        ids, mask = ids_and_mask(batch, "token ids or strings")
         if ids.shape[1] > self.max_length:
             raise UserError(f"The prompt has {ids.shape[1]} tokens but the model takes at most {self.max_length}: shorten it.")
         if (mask.sum(-1) == 0).any():

@@ -111,6 +111,19 @@ def _refuse(why: str):
     raise UserError(f"This text model is not supported: {why}. Supported text models: {SUPPORTED_TEXT}.")
 
 
+def ids_and_mask(batch, other: str):
+    """(input ids, attention mask) of a tokenizer's output, both (B, N) int64 (a single sequence gets a
+    batch axis; no mask means all ones); anything else is refused naming `other`, what else is taken."""
+    if not hasattr(batch, "keys") or "input_ids" not in batch:
+        raise UserError(f"Text input must be a tokenizer's output (with input_ids) or {other}, got {type(batch).__name__}.")
+    ids = torch.as_tensor(batch["input_ids"]).long()
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).long().reshape(ids.shape)
+    return ids, mask
+
+
 class TextAdapter(ClassTokenReadout, EncoderAdapter):
     family = "bert"
     description = "BERT-family text classifiers"
@@ -176,13 +189,7 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
                 raise UserError("This text model was given no tokenizer: pass TextAdapter(model, tokenizer) or a tokenised batch.")
             batch = self.tokenizer(list(batch), padding=True, truncation=True, max_length=self.max_length,
                                    return_tensors="pt", return_special_tokens_mask=True)
-        if not hasattr(batch, "keys") or "input_ids" not in batch:
-            raise UserError(f"Text input must be a tokenizer's output (with input_ids) or a list of strings, got {type(batch).__name__}.")
-        ids = torch.as_tensor(batch["input_ids"]).long()
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).long().reshape(ids.shape)
+        ids, mask = ids_and_mask(batch, "a list of strings")
         tt = batch.get("token_type_ids")
         tt = None if tt is None else torch.as_tensor(tt).long().reshape(ids.shape)
         special = batch.get("special_tokens_mask")
