@@ -2,10 +2,7 @@
 Inference read the same way): fixtures in exactly ERASER's layout (tests/fixtures/eraser_*), the
 query + document encoding, the rationale on the document tokens only, and the label check."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +12,7 @@ from transexplain.errors import UserError
 
 FIX = Path(__file__).parent / "fixtures"
 ESNLI, BOOLQ = FIX / "eraser_esnli" / "esnli", FIX / "eraser_boolq" / "boolq"
-ENTRY = Path(sys.executable).parent / "tx-bench"
-if not ENTRY.exists():
-    ENTRY = Path(shutil.which("tx-bench") or ENTRY)
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def tx(*args):
-    return subprocess.run([str(ENTRY), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600)
+from test_evaluate_cli import tx  # noqa: E402 (the same tx-bench subprocess helper)
 
 
 def test_esnli_premise_then_hypothesis_with_evidence_in_both():

@@ -44,7 +44,7 @@ from ..errors import UserError
 from ..lrp import Tape
 from .base import CAPABILITIES, EncoderAdapter, Trace
 from .eva import _rotation, elementwise_product
-from .text import TextAdapter, TextBatch, ids_and_mask
+from .text import TextAdapter, TextBatch, ids_and_mask, word_ids_of
 
 SUPPORTED_DECODERS = ("GPT2LMHeadModel", "LlamaForCausalLM")
 
@@ -172,12 +172,7 @@ class DecoderAdapter(EncoderAdapter):
         if (mask[:, 1:] > mask[:, :-1]).any():  # a 1 after a 0
             raise UserError("The prompts are padded on the left: pad on the right (tokenizer.padding_side = 'right'), so that "
                             "each prompt starts at position 0.")
-        word_ids = None
-        if hasattr(batch, "word_ids"):
-            try:
-                word_ids = [batch.word_ids(i) for i in range(ids.shape[0])]
-            except Exception:
-                word_ids = None
+        word_ids = word_ids_of(batch, ids.shape[0])
         return TextBatch(ids, mask, None, 1 - mask, word_ids).to(self.device)
 
     def embed(self, x: TextBatch) -> torch.Tensor:

@@ -124,6 +124,16 @@ def ids_and_mask(batch, other: str):
     return ids, mask
 
 
+def word_ids_of(batch, n: int):
+    """Each sequence's word index per token from a fast tokenizer's output, or None when it has none."""
+    if not hasattr(batch, "word_ids"):
+        return None
+    try:
+        return [batch.word_ids(i) for i in range(n)]
+    except Exception:
+        return None
+
+
 class TextAdapter(ClassTokenReadout, EncoderAdapter):
     family = "bert"
     description = "BERT-family text classifiers"
@@ -199,12 +209,7 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
             special = self._special_from_ids(ids)
         if ids.shape[1] > self.max_length:
             raise UserError(f"The text has {ids.shape[1]} tokens but the model takes at most {self.max_length}: truncate it.")
-        word_ids = None
-        if hasattr(batch, "word_ids"):
-            try:
-                word_ids = [batch.word_ids(i) for i in range(ids.shape[0])]
-            except Exception:
-                word_ids = None
+        word_ids = word_ids_of(batch, ids.shape[0])
         return TextBatch(ids, mask, tt, special, word_ids).to(self.device)
 
     def _special_from_ids(self, ids):
