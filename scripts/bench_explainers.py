@@ -27,7 +27,9 @@ forward+backward passes, which the forward+backward column gives per family.
 
 Targets are in units of a plain forward, except those of the methods that are many gradients
 (integrated gradients, SmoothGrad: `TARGETS_FWD_BWD`), which are in units of one forward+backward,
-timed in the same rounds. On CUDA the peak memory is torch's peak allocation of one call.
+timed in the same rounds. The `floor` column is each method's cost floor from its section of
+docs/methods.md (`FLOORS`: forwards + forward+backward passes, in forward units with the measured
+forward+backward); a method without an explicit target is held to 1.2 x its floor. On CUDA the peak memory is torch's peak allocation of one call.
 """
 from __future__ import annotations
 
@@ -44,6 +46,27 @@ TARGETS = {"transformer_attribution": 6.5, "partial_lrp": 6.5, "generic_attentio
            "rollout": 1.3, "raw_attention": 1.3, "attnlrp": 3.0, "cp_lrp": 3.0}
 #: targets in forward+backward units: 20 steps / 20 noisy copies, each one gradient
 TARGETS_FWD_BWD = {"integrated_gradients": 20, "smoothgrad": 20}
+#: each method's cost floor as stated in its docs/methods.md section, in (forwards, forward+backward
+#: passes) at the default options: the work its definition cannot avoid. The methods without a
+#: target above are held to 1.2 x their floor (the slack the attention-gradient targets allow).
+FLOORS = {"saliency": (0, 1), "input_x_gradient": (0, 1), "integrated_gradients": (0, 20), "smoothgrad": (0, 20),
+          "legrad": (0, 1), "attcat": (0, 1), "tokentm": (0, 1), "bt_h": (0, 20), "bt_t": (0, 20),
+          "attnlrp": (0, 1), "cp_lrp": (0, 1), "generic_attention": (0, 1), "gradcam": (0, 1),
+          "rollout": (1, 0), "raw_attention": (1, 0)}
+FLOOR_SLACK = 1.2
+
+
+def target_of(method: str, fwd_bwd: float):
+    """(target, floor) in forward units for `method`, given the measured forward+backward ratio."""
+    floor = None
+    if method in FLOORS:
+        n_f, n_g = FLOORS[method]
+        floor = n_f + n_g * fwd_bwd
+    if method in TARGETS:
+        return TARGETS[method], floor
+    if method in TARGETS_FWD_BWD:
+        return round(TARGETS_FWD_BWD[method] * fwd_bwd, 1), floor
+    return (None if floor is None else round(FLOOR_SLACK * floor, 1)), floor
 
 
 def input_shape(model) -> tuple:
@@ -329,13 +352,12 @@ def main():
               f"forward+backward {fwd_bwd:.2f} x fwd")
         head = "".join(f" {p + ' x fwd':>14s}" for p in args.precisions)
         rel_head = "".join(f" {p + '/f32':>12s}" for p in args.precisions if p != "float32")
-        print(f"{'method':26s}{head} {'f32 target':>12s}{rel_head}")
+        print(f"{'method':26s}{head} {'floor':>7s} {'f32 target':>12s}{rel_head}")
         for m in methods:
             ratios = {p: statistics.median(times[(m, p)]) / fwd for p in args.precisions}
-            target = TARGETS.get(m)
-            if m in TARGETS_FWD_BWD:
-                target = round(TARGETS_FWD_BWD[m] * fwd_bwd, 1)
+            target, floor = target_of(m, fwd_bwd)
             line = f"{m:26s}" + "".join(f" {ratios[p]:14.2f}" for p in args.precisions)
+            line += f" {floor:7.2f}" if floor is not None else f" {'':7s}"
             if "float32" in ratios:
                 flag = "" if target is None else ("ok" if ratios["float32"] <= target else "OVER")
                 line += f" {('<=' + str(target)) if target else '':>7s} {flag:4s}"
