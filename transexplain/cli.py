@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 
 from .errors import UserError
-from .commands.common import CLASSES_HELP, OPTION_HELP, PROMPT_HELP, split_classes
-from .precision import HELP as PRECISION_HELP
+from .commands.common import (DEFAULT_PROMPT, Classes, MethodOptions, Precision, Prompt, RandomWeights,
+                              split_classes)
 
 app = typer.Typer(
     name="tx-bench",
@@ -85,11 +85,11 @@ def explain_cmd(
     text: Optional[str] = typer.Option(None, "--text", help="Explain a text with a text classifier instead of images."),
     html: Optional[Path] = typer.Option(None, "--html", help="With --text: also write the coloured words as an HTML page."),
     crop: bool = typer.Option(False, "--crop", help="Resize + center-crop instead of the paper's plain resize."),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
-    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
-    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
-    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
-    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
+    random_weights: RandomWeights = False,
+    precision: Precision = "float64",
+    classes: Classes = None,
+    prompt: Prompt = DEFAULT_PROMPT,
+    option: MethodOptions = None,
 ):
     """Explain images (or a text): heatmap PNG + raw .npy per image, and the predicted class.
 

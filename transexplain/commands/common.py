@@ -1,10 +1,68 @@
-"""What every benchmark command shares: turning `--method` into the methods to run."""
+"""What every benchmark command shares: its common options (declared once here) and turning
+`--method` / `--option` into the methods to run and their settings."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
 from ..errors import UserError
+from ..precision import BENCHMARK_HELP as BENCHMARK_PRECISION_HELP
+from ..precision import HELP as PRECISION_HELP
 
 CLASSES_HELP = "With --model clip:PATH or open_clip:...: the zero-shot classes, a comma list (e.g. the data's class folder names)."
 PROMPT_HELP = "With --classes: the text each class name is written into ({} marks where)."
+OPTION_HELP = ("A method option KEY=VALUE (repeatable), e.g. libragrad=true or steps=50, for every chosen method that "
+               "has it; METHOD.KEY=VALUE for one method. The options of `tx-bench methods` and docs/methods.md.")
+NUM_WORKERS_HELP = ("Processes that decode and resize the images (0: in the main process); default: this process's "
+                    "share of the CPU cores less one, at most 8. The results do not depend on it.")
+#: the zero-shot prompt of `--prompt` when none is given
+DEFAULT_PROMPT = "a photo of a {}"
+
+# The options that several commands (perturb, segment, evaluate, eraser) declare alike: one declaration
+# each, used as `name: Alias = default` (typer reads the flags and help from the Annotated type). An
+# option whose help differs on purpose between commands is a factory taking the differing text.
+
+
+def model_option(help: str = "'embedded', a timm model name, or a checkpoint."):
+    """`--model/-m` with the command's own list of what it accepts."""
+    return Annotated[str, typer.Option("--model", "-m", help=help)]
+
+
+def limit_option(help: str = "Use only the first N images."):
+    """`--limit` (at least 1) with what the command counts."""
+    return Annotated[Optional[int], typer.Option("--limit", min=1, help=help)]
+
+
+def out_option(command: str, note: str = ""):
+    """`--out/-o`: the HDF5 results file, by default results/<command>_<method>.h5."""
+    return Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help=f"HDF5 results file (default results/{command}_<method>.h5{note}).")]
+
+
+Method = Annotated[str, typer.Option("--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'.")]
+Model = model_option()
+Limit = limit_option()
+Labels = Annotated[Optional[Path], typer.Option(
+    "--labels", help="Labels file of `filename label` lines for a flat image folder.")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+#: float64 / mixed / float32 (explain, evaluate, eraser)
+Precision = Annotated[str, typer.Option("--precision", help=PRECISION_HELP)]
+#: and bfloat16 / float16 under autocast (perturb, segment)
+BenchmarkPrecision = Annotated[str, typer.Option("--precision", help=BENCHMARK_PRECISION_HELP)]
+RandomWeights = Annotated[bool, typer.Option(
+    "--random-weights",
+    help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights.")]
+Classes = Annotated[Optional[str], typer.Option("--classes", help=CLASSES_HELP)]
+Prompt = Annotated[str, typer.Option("--prompt", help=PROMPT_HELP)]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start the results file over instead of resuming it.")]
+SaveMaps = Annotated[bool, typer.Option(
+    "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings "
+                        "(a resume must give it the same way).")]
+NumWorkers = Annotated[Optional[int], typer.Option("--num-workers", min=0, help=NUM_WORKERS_HELP)]
+MethodOptions = Annotated[Optional[List[str]], typer.Option("--option", help=OPTION_HELP)]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 
 
 def split_classes(spec):
@@ -35,10 +93,6 @@ def resolve_methods(spec: str, adapter=None) -> list:
             if reason:
                 raise UserError(reason)
     return names
-
-
-OPTION_HELP = ("A method option KEY=VALUE (repeatable), e.g. libragrad=true or steps=50, for every chosen method that "
-               "has it; METHOD.KEY=VALUE for one method. The options of `tx-bench methods` and docs/methods.md.")
 
 
 def _parse_value(value: str):

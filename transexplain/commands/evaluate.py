@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from ..errors import UserError
-from ..precision import HELP as PRECISION_HELP
-from .common import CLASSES_HELP, OPTION_HELP, PROMPT_HELP, method_options, split_classes
-from .vision import NUM_WORKERS_HELP
+from .common import (DEFAULT_PROMPT, Classes, Device, Labels, Limit, Method, MethodOptions, NumWorkers, Overwrite,
+                     Precision, Prompt, Quiet, RandomWeights, method_options, model_option, out_option, split_classes)
 
 #: model specs that name a text classifier (run by `evaluation.text_suite`)
 TEXT_MODELS = ("embedded-text",)
@@ -131,28 +130,31 @@ def _open_data(data: Path | None, labels: Path | None, loaded, metrics):
 
 
 _MASK_METRICS = ("pointing_game", "relevance_mass", "relevance_rank")
+EvaluateModel = model_option("'embedded', 'embedded-swin', a timm model name, or a checkpoint; 'embedded-text' or a "
+                             "local Hugging Face text classifier folder for text.")
+EvaluateOut = out_option("evaluate")
 
 
 def evaluate(
-    method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
+    method: Method,
     metric: str = typer.Option("all", "--metric", help="Metric names, a comma list, or 'all' (insertion, deletion, mif, lif, srg, aopc, abpc, road_morf, road_lerf, saco, pointing_game, relevance_mass, relevance_rank, infidelity, max_sensitivity, randomisation; text models also comprehensiveness, sufficiency, and not ROAD, infidelity, max_sensitivity)."),
     data: Optional[Path] = typer.Option(None, "--data", help="A gtsegs-format .mat file (images with object masks) or an image folder (no masks; default: the embedded shapes segmentation set); for a text model an ERASER dataset folder (default: the embedded reviews)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file of `filename label` lines for a flat image folder."),
-    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', 'embedded-swin', a timm model name, or a checkpoint; 'embedded-text' or a local Hugging Face text classifier folder for text."),
+    labels: Labels = None,
+    model: EvaluateModel = "embedded",
     split: str = typer.Option("test", "--split", help="Text models: the ERASER split (train, val or test)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
+    limit: Limit = None,
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per batch (each brings ~100 perturbed copies per method)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
-    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
-    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/evaluate_<method>.h5)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
+    device: Device = "cpu",
+    precision: Precision = "float64",
+    random_weights: RandomWeights = False,
+    num_workers: NumWorkers = None,
+    classes: Classes = None,
+    prompt: Prompt = DEFAULT_PROMPT,
+    out: EvaluateOut = None,
+    overwrite: Overwrite = False,
     fmt: str = typer.Option("markdown", "--format", help="Table format printed at the end: markdown, csv or latex."),
-    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    option: MethodOptions = None,
+    quiet: Quiet = False,
 ):
     """The metric suite: every chosen metric for every chosen method, side by side, and how far their rankings agree.
 

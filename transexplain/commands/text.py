@@ -8,11 +8,13 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from ..precision import HELP as PRECISION_HELP
-from .common import resolve_methods
+from .common import Device, Method, Overwrite, Precision, limit_option, model_option, out_option, resolve_methods
 
 #: background colours of the terminal (xterm-256), from no relevance to the most relevant word
 _ANSI_SHADES = (231, 194, 157, 120, 83, 46)
+EraserModel = model_option("'embedded', or a local Hugging Face model folder.")
+EraserLimit = limit_option("Only the first N documents.")
+EraserOut = out_option("eraser", "; resumed if it exists")
 
 
 def _load_examples(data: Optional[str], split: str, limit: Optional[int], strict: bool, quiet: bool):
@@ -79,19 +81,20 @@ def _say_where_resumed(out: Path, overwrite: bool, methods: list, total: int):
 def register(app: typer.Typer):
     @app.command("eraser")
     def eraser_cmd(
-        method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
+        method: Method,
         data: Optional[str] = typer.Option(None, "--data", help="An ERASER dataset folder (movies, e-SNLI, BoolQ, FEVER, MultiRC, CoS-E, Evidence Inference), or 'hf' for the cached movie_rationales; default: the embedded reviews."),
-        model: str = typer.Option("embedded", "--model", "-m", help="'embedded', or a local Hugging Face model folder."),
+        model: EraserModel = "embedded",
         split: str = typer.Option("test", "--split", help="train, val or test."),
-        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N documents."),
+        limit: EraserLimit = None,
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Documents per batch."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/eraser_<method>.h5; resumed if it exists)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over."),
+        out: EraserOut = None,
+        overwrite: Overwrite = False,
         strict: bool = typer.Option(False, "--strict", help="Stop at a malformed jsonl line instead of skipping it."),
+        # plural on purpose: one bar per method (the image benchmarks show one bar for all)
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
-        precision: str = typer.Option("float64", "--precision", help=PRECISION_HELP),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+        precision: Precision = "float64",
+        device: Device = "cpu",
     ):
         """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
         import os

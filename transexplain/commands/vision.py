@@ -8,14 +8,16 @@ from typing import List, Optional
 import typer
 
 from ..errors import UserError
-from ..precision import BENCHMARK_HELP as BENCHMARK_PRECISION_HELP
 from ..results.paths import check_output_path
-from .common import CLASSES_HELP, OPTION_HELP, PROMPT_HELP, method_options, resolve_methods, split_classes
+from .common import (DEFAULT_PROMPT, BenchmarkPrecision, Classes, Device, Labels, Limit, Method, MethodOptions, Model,
+                     NumWorkers, Overwrite, Prompt, Quiet, RandomWeights, SaveMaps, limit_option, method_options,
+                     out_option, resolve_methods, split_classes)
 
 PERTURB_TESTS = {"positive": ("positive",), "negative": ("negative",), "both": ("positive", "negative")}
 PERTURB_TARGETS = {"pred": ("pred",), "true": ("true",), "both": ("pred", "true")}
-NUM_WORKERS_HELP = ("Processes that decode and resize the images (0: in the main process); default: this process's "
-                    "share of the CPU cores less one, at most 8. The results do not depend on it.")
+PerturbLimit = limit_option("Use only the first N images (class-balanced for class folders).")
+PerturbOut = out_option("perturb")
+SegmentOut = out_option("segment")
 
 
 def check_device(device: str) -> str:
@@ -151,26 +153,26 @@ def write_skipped_list(store, out: Path):
 
 
 def perturb(
-    method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
+    method: Method,
     test: str = typer.Option("both", "--test", help="positive (remove most relevant first), negative, or both."),
     target: str = typer.Option("pred", "--target", help="Explain the predicted class (pred), the ground-truth class (true), or both."),
     data: Optional[Path] = typer.Option(None, "--data", help="Image folder with one sub-folder per class, or a flat folder with --labels (default: the embedded shapes set)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file of `filename label` lines for a flat image folder."),
-    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm model name, or a checkpoint."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images (class-balanced for class folders)."),
+    labels: Labels = None,
+    model: Model = "embedded",
+    limit: PerturbLimit = None,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images explained per batch (x9 perturbed copies each)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("float64", "--precision", help=BENCHMARK_PRECISION_HELP),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
-    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
-    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/perturb_<method>.h5)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
-    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
+    device: Device = "cpu",
+    precision: BenchmarkPrecision = "float64",
+    random_weights: RandomWeights = False,
+    classes: Classes = None,
+    prompt: Prompt = DEFAULT_PROMPT,
+    out: PerturbOut = None,
+    overwrite: Overwrite = False,
+    save_maps: SaveMaps = False,
     crop: bool = typer.Option(False, "--crop", help="Resize to 256/224 of the input size and center-crop, instead of the paper's plain resize."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
-    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    num_workers: NumWorkers = None,
+    option: MethodOptions = None,
+    quiet: Quiet = False,
 ):
     """ImageNet perturbation test: accuracy as the most (positive) / least (negative) relevant pixels are removed.
 
@@ -224,23 +226,23 @@ def perturb(
 
 
 def segment(
-    method: str = typer.Option(..., "--method", help="Method name (see `tx-bench methods`), a comma list, or 'all'."),
+    method: Method,
     data: Optional[Path] = typer.Option(None, "--data", help="gtsegs_ijcv.mat (MATLAB v7.3) or a file in its layout (default: the embedded shapes set)."),
-    model: str = typer.Option("embedded", "--model", "-m", help="'embedded', a timm model name, or a checkpoint."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N images."),
+    model: Model = "embedded",
+    limit: Limit = None,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per batch."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("float64", "--precision", help=BENCHMARK_PRECISION_HELP),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Use the architecture with seeded random weights instead of its pretrained or checkpoint weights."),
-    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
-    prompt: str = typer.Option("a photo of a {}", "--prompt", help=PROMPT_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HDF5 results file (default results/segment_<method>.h5)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start the results file over instead of resuming it."),
-    save_maps: bool = typer.Option(False, "--save-maps", help="Also store every heatmap (float16) in the results file; part of the run's settings (a resume must give it the same way)."),
+    device: Device = "cpu",
+    precision: BenchmarkPrecision = "float64",
+    random_weights: RandomWeights = False,
+    classes: Classes = None,
+    prompt: Prompt = DEFAULT_PROMPT,
+    out: SegmentOut = None,
+    overwrite: Overwrite = False,
+    save_maps: SaveMaps = False,
     crop: bool = typer.Option(False, "--crop", help="Not used by this benchmark (the protocol resizes image and mask alike); refused."),
-    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=0, help=NUM_WORKERS_HELP),
-    option: Optional[List[str]] = typer.Option(None, "--option", help=OPTION_HELP),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    num_workers: NumWorkers = None,
+    option: MethodOptions = None,
+    quiet: Quiet = False,
 ):
     """ImageNet-Segmentation: pixel accuracy, mIoU and mAP of mean-thresholded maps against object masks."""
     from ..data.imagenet import Preprocess
