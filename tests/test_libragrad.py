@@ -1,6 +1,7 @@
 """LibraGrad (Mehri et al. CVPR 2025) as the `libragrad=true` option of the gradient methods: its
 gradient against an independent hand-written forward with the same detachments (float64, plain
-autograd), its FullGrad completeness, batch invariance, the option's listing and the CLI."""
+autograd; ViT, BERT, and the ½ rule on the gated-MLP products of EVA-02 and Llama), its FullGrad
+completeness, batch invariance, the option's listing and the CLI."""
 import json
 import math
 import os
@@ -230,6 +231,206 @@ def test_bert_equals_detached_autograd():
     ref = (g * emb).sum(-1).detach() * mask
     torch.testing.assert_close(e.logits, logits.detach(), rtol=1e-12, atol=1e-12)
     assert _rel(e.token_map, ref) < 1e-12
+
+
+# -- gated-MLP products (EVA-02's SwiGLU, Llama's MLP): LibraGrad's "DU" rule ----------------------
+# y = act(g) ⊙ u with both factors computed from the input: each factor gets half its usual gradient
+# (the authors' fork halves the product's output gradient, `fair_gated_mlp` with mode "DU", which the
+# "LibraGrad" preset switches on), and the gate of act (SiLU: σ(g)) is a constant.
+EVA_VARIANTS = {
+    "eva02-packed-swiglu": dict(),  # GluMlp: one fc1, its first half through SiLU times its second
+    "swiglu-subln-fused": dict(qkv_fused=True, scale_mlp=True, init_values=0.5),  # SwiGLU + sub-LNs, layer scale
+    "class-token-half-rope": dict(global_pool="token", rope_rotate_half=True),
+}
+
+
+def tiny_eva(variant, seed=0):
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=16, patch_size=4, embed_dim=16,
+                              depth=2, num_heads=2, num_classes=5, ref_feat_shape=(4, 4), **EVA_VARIANTS[variant])
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # spread: peaked attention, SiLU far from linear; norm weights near 1
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.5 * noise)
+    return model.double().eval()
+
+
+def _silu_libra(t):
+    """SiLU = t · σ(t) with the gate σ a constant."""
+    return t * torch.sigmoid(t).detach()
+
+
+def _half_mul(a, b):
+    """a ⊙ b with half the gradient to each factor."""
+    return 0.5 * (a * b.detach() + a.detach() * b)
+
+
+def _ln_or_identity(mod, t):
+    return t if isinstance(mod, torch.nn.Identity) else _ln_libra(mod, t)
+
+
+def libra_eva_forward(model, x, half=True):
+    """timm's Eva written out op by op from its parameters with LibraGrad's detachments and the ½
+    rule on the SwiGLU product (half=False: the plain product, to show that the rule matters)."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    mul = _half_mul if half else torch.mul
+    b = x.shape[0]
+    h = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=model.patch_embed.patch_size)
+    h = torch.cat([model.cls_token.expand(b, -1, -1), h.flatten(2).transpose(1, 2)], 1) + model.pos_embed
+    rope = model.rope.get_embed()
+    for blk in model.blocks:
+        a = blk.attn
+        z = _ln_libra(blk.norm1, h)
+        n = z.shape[1]
+        if a.qkv is not None:
+            qkv = F.linear(z, a.qkv.weight, torch.cat((a.q_bias, torch.zeros_like(a.q_bias), a.v_bias)))
+            q, k, v = qkv.reshape(b, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (F.linear(z, lin.weight, lin.bias).reshape(b, n, a.num_heads, -1).transpose(1, 2)
+                       for lin in (a.q_proj, a.k_proj, a.v_proj))
+        q = torch.cat([q[:, :, :1], apply_rot_embed_cat(q[:, :, 1:], rope, half=a.rotate_half)], 2)
+        k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], rope, half=a.rotate_half)], 2)
+        att = torch.softmax((q * a.scale) @ k.transpose(-2, -1), -1).detach()
+        o = _ln_or_identity(a.norm, (att @ v).transpose(1, 2).reshape(b, n, -1))
+        o = F.linear(o, a.proj.weight, a.proj.bias)
+        h = h + (blk.gamma_1 * o if blk.gamma_1 is not None else o)
+        z = _ln_libra(blk.norm2, h)
+        mlp = blk.mlp
+        if hasattr(mlp, "fc1_g"):
+            f = mul(_silu_libra(F.linear(z, mlp.fc1_g.weight, mlp.fc1_g.bias)),
+                    F.linear(z, mlp.fc1_x.weight, mlp.fc1_x.bias))
+        else:
+            gate, u = F.linear(z, mlp.fc1.weight, mlp.fc1.bias).chunk(2, -1)
+            f = mul(_silu_libra(gate), u)
+        f = F.linear(_ln_or_identity(mlp.norm, f), mlp.fc2.weight, mlp.fc2.bias)
+        h = h + (blk.gamma_2 * f if blk.gamma_2 is not None else f)
+    if model.global_pool == "avg":
+        h = _ln_or_identity(model.fc_norm, _ln_or_identity(model.norm, h)[:, 1:].mean(1))
+    else:
+        h = _ln_or_identity(model.norm, h)[:, 0]
+    return F.linear(h, model.head.weight, model.head.bias)
+
+
+@pytest.mark.parametrize("variant", list(EVA_VARIANTS))
+def test_eva_swiglu_gets_half_the_gradient_on_each_factor(variant):
+    """EVA-02 (SwiGLU, packed or not, sub-LNs, rotary embeddings): saliency and input × gradient with
+    libragrad=true equal the gradient of the hand-written forward above; the plain-product version
+    of it differs (the ½ rule is applied, not skipped)."""
+    model, x = tiny_eva(variant), _images(2, seed=11)
+    target = torch.tensor([1, 3])
+    xr = x.clone().requires_grad_(True)
+    logits = libra_eva_forward(model, xr)
+    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), xr)
+    with torch.no_grad():
+        assert (logits - model(x)).abs().max().item() < 1e-12  # the hand-written forward is timm's
+    sal = transexplain.explain(model, x, "saliency", target=target, libragrad=True)
+    ixg = transexplain.explain(model, x, "input_x_gradient", target=target, libragrad=True)
+    assert _rel(sal.token_map, g.abs().amax(1)) < 1e-12
+    assert _rel(ixg.token_map, (g * x).sum(1)) < 1e-12
+    xr = x.clone().requires_grad_(True)
+    (full,) = torch.autograd.grad(libra_eva_forward(model, xr, half=False).gather(1, target[:, None]).sum(), xr)
+    assert _rel(ixg.token_map, (full * x).sum(1)) > 1e-2
+
+
+def test_eva_fullgrad_completeness():
+    """The ½ rule is what keeps LibraGrad FullGrad-complete through a gated product: act(g)·u with
+    the gate constant is linear in g and in u, so ½ of each factor's gradient × the factor sums to
+    the product. With it x·∇x + Σ b·∇b equals the logit on EVA-02; the rewiring without it (the
+    plain product gradient) misses it."""
+    model, x = tiny_eva("swiglu-subln-fused", seed=2), _images(2, seed=12)
+    adapter = transexplain.as_adapter(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    biases = _bias_like(model)
+    assert any(name.endswith("q_bias") for name, _ in model.named_parameters())
+    gaps = {}
+    no_half = LibraGrad()
+    no_half.half_products = False
+    for name, rules in (("libragrad", LibraGrad()), ("without the rule", no_half)):
+        xr = x.clone().requires_grad_(True)
+        with gradient_rules(rules):
+            logits = adapter.run(xr).logits
+        target = logits.argmax(-1)
+        gap = 0.0
+        for i in range(len(x)):
+            grads = torch.autograd.grad(logits[i, target[i]], [xr] + biases, retain_graph=True, allow_unused=True)
+            total = (grads[0][i] * x[i]).sum() + sum((g * p).sum() for g, p in zip(grads[1:], biases) if g is not None)
+            gap = max(gap, ((total - logits[i, target[i]]).abs() / logits[i, target[i]].abs()).item())
+        gaps[name] = gap
+    assert gaps["libragrad"] < 1e-10, gaps
+    assert gaps["without the rule"] > 1e-2, gaps
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.5 * torch.randn_like(p))
+    return model.double().eval()
+
+
+def test_llama_gated_mlp_equals_the_handwritten_forward():
+    """Llama (decoders take the gradient methods too): input × gradient with libragrad=true equals
+    autograd through the model's own modules with the softmax output detached, SiLU's gate constant
+    and the ½ rule on act(x W_g) ⊙ (x W_u); RMSNorm keeps its gradient (only LayerNorm is rewired)."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 40, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 1
+    last = torch.tensor([6, 4])
+    e = transexplain.explain(model, {"input_ids": ids, "attention_mask": mask}, "input_x_gradient", libragrad=True)
+    cfg = model.config
+    emb = model.model.embed_tokens(ids).detach().requires_grad_(True)
+    n = ids.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+    bias = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    bias = bias[:, None]
+    cos, sin = model.model.rotary_emb(emb, torch.arange(n)[None])
+    cos, sin = cos[:, None], sin[:, None]
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+
+    def heads(t, k):
+        return t.reshape(t.shape[0], n, k, -1).transpose(1, 2)
+
+    def rot(t):
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat((-t[..., half:], t[..., :half]), -1) * sin
+
+    def forward(mul):
+        h = emb
+        for layer in model.model.layers:
+            sa, mlp = layer.self_attn, layer.mlp
+            a = layer.input_layernorm(h)
+            q = rot(heads(sa.q_proj(a), cfg.num_attention_heads))
+            k = rot(heads(sa.k_proj(a), cfg.num_key_value_heads)).repeat_interleave(groups, 1)
+            v = heads(sa.v_proj(a), cfg.num_key_value_heads).repeat_interleave(groups, 1)
+            att = torch.softmax(q @ k.transpose(-1, -2) * sa.head_dim ** -0.5 + bias, -1).detach()
+            h = h + sa.o_proj((att @ v).transpose(1, 2).reshape(2, n, -1))
+            a = layer.post_attention_layernorm(h)
+            h = h + mlp.down_proj(mul(_silu_libra(mlp.gate_proj(a)), mlp.up_proj(a)))
+        return model.lm_head(model.model.norm(h)[torch.arange(2), last])
+
+    refs = {}
+    for name, mul in (("half", _half_mul), ("plain product", torch.mul)):
+        logits = forward(mul)
+        with torch.no_grad():
+            own = model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), last]
+            assert (logits - own).abs().max() < 1e-12  # the hand-written forward is the model's
+        (grad,) = torch.autograd.grad(logits.gather(1, e.target[:, None]).sum(), emb)
+        refs[name] = (grad * emb).sum(-1).detach() * mask
+    assert _rel(e.token_map, refs["half"]) < 1e-12
+    assert _rel(e.token_map, refs["plain product"]) > 1e-2
 
 
 @pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "gradcam", "generic_attention", "legrad"])

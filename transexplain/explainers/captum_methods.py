@@ -18,8 +18,9 @@ NoiseTunnel(Saliency, nt_type="smoothgrad") computes.
 
 Option `libragrad` (every method; default false): the gradients are taken through LibraGrad's
 rewired backward (Mehri et al. CVPR 2025; `lrp.attnlrp.LibraGrad`: attention probabilities,
-LayerNorm's σ and GELU's gate held constant in the backward, the forward unchanged), through the
-adapter's recorded forward. docs/methods.md states the rules.
+LayerNorm's σ and the gate of GELU / SiLU / QuickGELU held constant in the backward, each factor of
+a gated MLP product (SwiGLU) given half its gradient, the forward unchanged), through the adapter's
+recorded forward. docs/methods.md states the rules.
 """
 from __future__ import annotations
 

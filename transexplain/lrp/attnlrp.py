@@ -332,16 +332,31 @@ def gelu_gate(fn) -> "callable | None":
     return None
 
 
+def _attention_product(node: Node) -> bool:
+    """Whether a recorded product is one of attention's (Q·Kᵀ, A·V, DeBERTa's c2p/p2c): every adapter
+    tags those ("attn_scores", "attn_value", "attn_c2p", ... with the block). The untagged products
+    are the gated-MLP products act(x W_g) ⊙ (x W_u) that `models.eva.elementwise_product` records
+    (EVA-02's SwiGLU / packed GluMlp, Llama's MLP)."""
+    return node.tag is not None and str(node.tag[0]).startswith("attn")
+
+
+def _halve(g: torch.Tensor) -> torch.Tensor:
+    return g * 0.5
+
+
 class DetachedGradient:
     """The gradient of the forward in which the attention probabilities and every LayerNorm's σ are
     constants (CP-LRP: `DetachedGradientRules` as a modified gradient of the recorded forward);
     `detach_mean=True` holds LayerNorm's mean constant too. `gate=True` also holds the gate of each
-    gated activation constant (GELU = x·Φ(x): gradient Φ(x)), LibraGrad's third rule."""
+    gated activation constant (GELU = x·Φ(x): gradient Φ(x)), LibraGrad's third rule.
+    `half_products=True` gives each factor of a product of two activations that is not attention's
+    (a gated MLP's act(x W_g) ⊙ (x W_u)) half its gradient: the product's output gradient is halved
+    before autograd sends it to both factors (LibraGrad's "DU" mode for gated MLPs)."""
 
     name = "cp_lrp"
 
-    def __init__(self, detach_mean: bool = False, gate: bool = False):
-        self.detach_mean, self.gate = bool(detach_mean), bool(gate)
+    def __init__(self, detach_mean: bool = False, gate: bool = False, half_products: bool = False):
+        self.detach_mean, self.gate, self.half_products = bool(detach_mean), bool(gate), bool(half_products)
 
     def start(self):
         return self
@@ -358,21 +373,27 @@ class DetachedGradient:
             if gate is not None:
                 xd = x.detach()
                 return override_gradient(x, z, lambda g: g * gate(xd))
+        if (kind == "matmul" and self.half_products and not _attention_product(node)
+                and all(t.requires_grad for t in node.inputs)):
+            # both factors carry gradient: g_a = ½ g·bᵀ, g_b = ½ aᵀ·g (a constant factor: the
+            # product is linear in the other one and keeps its gradient)
+            z.register_hook(_halve)
         return z
 
     def __repr__(self):
-        return f"DetachedGradient(detach_mean={self.detach_mean}, gate={self.gate})"
+        return f"DetachedGradient(detach_mean={self.detach_mean}, gate={self.gate}, half_products={self.half_products})"
 
 
 class LibraGrad(DetachedGradient):
     """LibraGrad (Mehri, Baghshah, Pilehvar, CVPR 2025) on the adapters' blocks: the attention
     probabilities constant (no gradient to Q and K), LayerNorm's σ constant (its centring kept),
-    gated activations' gates constant. docs/methods.md states the rules and what is left out."""
+    gated activations' gates constant, each factor of a gated-MLP product (SwiGLU) half its gradient.
+    docs/methods.md states the rules and what is left out."""
 
     name = "libragrad"
 
     def __init__(self):
-        super().__init__(detach_mean=False, gate=True)
+        super().__init__(detach_mean=False, gate=True, half_products=True)
 
     def __repr__(self):
         return "LibraGrad()"
