@@ -14,7 +14,7 @@ SHARED = {
     "--classes": ("perturb", "segment", "evaluate"),
     "--prompt": ("perturb", "segment", "evaluate"),
     "--num-workers": ("perturb", "segment", "evaluate"),
-    "--option": ("perturb", "segment", "evaluate"),
+    "--option": ("perturb", "segment", "evaluate", "eraser"),
     "--quiet": ("perturb", "segment", "evaluate"),
     "--labels": ("perturb", "evaluate"),
     "--save-maps": ("perturb", "segment"),

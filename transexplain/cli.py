@@ -100,11 +100,10 @@ def explain_cmd(
 
     precision = check_precision(precision)
     if text is not None:
-        if option:
-            raise UserError("--option is not taken with --text yet: use transexplain.explain(..., **options) from Python.")
         from .commands.text import explain_text
 
-        explain_text(text=text, model=model, method=method, target=target, html=html, precision=precision)
+        explain_text(text=text, model=model, method=method, target=target, html=html, precision=precision,
+                     options=option)
         return
     if not images:
         raise UserError("Give at least one image file or folder to explain (or --text \"...\" for a text model).")

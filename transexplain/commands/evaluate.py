@@ -32,8 +32,9 @@ def _is_text_model(spec: str) -> bool:
 
 
 def _evaluate_text(method, metric, data, labels, model, split, limit, batch_size, device, precision, random_weights,
-                   classes, out, overwrite, fmt, quiet):
-    """`evaluate` on a text classifier: ERASER data (the embedded reviews by default), `text_suite`."""
+                   classes, out, overwrite, fmt, quiet, option=None):
+    """`evaluate` on a text classifier: ERASER data (the embedded reviews by default), `text_suite`;
+    option: the `--option` pairs, checked (`method_options`) before the data and the model are read."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +61,7 @@ def _evaluate_text(method, metric, data, labels, model, split, limit, batch_size
     precision = check_precision(precision)
     if precision not in ("float64", "float32"):
         raise UserError(f"--precision {precision} is not offered for text: choose float64 or float32.")
-    resolve_methods(method)  # the names, before the data and the model are read
+    method_options(option, resolve_methods(method))  # the names and options, before the data and the model are read
     shard, device = sharded(device, batch_size)
     spec = "embedded" if model.lower() == "embedded-text" else model
     examples, data_desc = _load_examples(None if data is None else str(data), split, limit, False, quiet)
@@ -73,9 +74,12 @@ def _evaluate_text(method, metric, data, labels, model, split, limit, batch_size
     mdl, tok = load_text_model(spec)
     align_labels(examples, getattr(mdl.config, "id2label", None), int(mdl.config.num_labels), data_desc)
     methods = resolve_methods(method, TextAdapter(mdl))
+    options = method_options(option, methods)
     import transexplain
 
-    config = {"benchmark": "suite", "modality": "text", "methods": methods, "metrics": metrics, "model": model,
+    # the `--option` settings, only when given (as the image runners record them)
+    config = {**({"method_options": options} if options else {}), "benchmark": "suite", "modality": "text",
+              "methods": methods, "metrics": metrics, "model": model,
               "model_source": spec, "weights": spec if spec != "embedded" else "embedded", "data": data_desc,
               "data_source": "embedded" if data is None else "user", "split": split, "limit": limit,
               "documents": len(examples), "precision": precision, "batch_size": batch_size,
@@ -86,7 +90,7 @@ def _evaluate_text(method, metric, data, labels, model, split, limit, batch_size
     main = False
     with open_results(out, config, overwrite, lambda store: run_text_suite(
             examples, mdl, tok, store, methods, metrics, batch_size=batch_size, device=device, quiet=quiet,
-            precision=precision, shard=shard),
+            precision=precision, shard=shard, method_options=options),
             shard=shard, device=device, say=typer.echo, total=len(examples), unit="documents",
             environment=collect_environment(precision, device)) as store:
         if store is not None:
@@ -177,11 +181,8 @@ def evaluate(
     if fmt not in ("markdown", "csv", "latex"):
         raise UserError(f"Unknown --format {fmt!r}: choose markdown, csv or latex.")
     if _is_text_model(model):
-        if option:
-            raise UserError("--option is not taken with a text model yet: leave it out, or call "
-                            "transexplain.explain(..., **options) from Python.")
         return _evaluate_text(method, metric, data, labels, model, split, limit, batch_size, device, precision,
-                              random_weights, classes, out, overwrite, fmt, quiet)
+                              random_weights, classes, out, overwrite, fmt, quiet, option)
     metrics = resolve_metrics(metric)
     text_only = [m for m in metrics if m in ("comprehensiveness", "sufficiency")]
     if text_only:

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import UserError
-from .common import Device, Method, Overwrite, Precision, limit_option, model_option, out_option, resolve_methods
+from .common import (Device, Method, MethodOptions, Overwrite, Precision, limit_option, method_options, model_option,
+                     out_option, resolve_methods)
 
 #: background colours of the terminal (xterm-256), from no relevance to the most relevant word
 _ANSI_SHADES = (231, 194, 157, 120, 83, 46)
@@ -95,6 +96,7 @@ def register(app: typer.Typer):
         no_faithfulness: bool = typer.Option(False, "--no-faithfulness", help="Skip comprehensiveness / sufficiency (no extra forwards)."),
         precision: Precision = "float64",
         device: Device = "cpu",
+        option: MethodOptions = None,
     ):
         """ERASER Movie Reviews: token-F1 of the top-k words (and IOU-F1, AUPRC, comprehensiveness, sufficiency)."""
         import os
@@ -109,6 +111,7 @@ def register(app: typer.Typer):
         precision = check_precision(precision)
         device = check_device(device)
         methods = resolve_methods(method)  # names checked before the data and model are read
+        method_options(option, methods)  # a bad --option is refused before the data and the model are read
         examples, data_desc = _load_examples(data, split, limit, strict, quiet)
         if not examples:
             raise UserError(f"No documents in the {split} split of {data_desc}.")
@@ -126,7 +129,10 @@ def register(app: typer.Typer):
 
         align_labels(examples, getattr(mdl.config, "id2label", None), int(mdl.config.num_labels), data_desc)
         methods = resolve_methods(method, TextAdapter(mdl))
-        config = {"methods": methods, "model": model, "data": data_desc, "split": split, "limit": limit,
+        options = method_options(option, methods)
+        # the `--option` settings, only when given (so the files of runs without them keep their settings)
+        config = {**({"method_options": options} if options else {}), "methods": methods, "model": model,
+                  "data": data_desc, "split": split, "limit": limit,
                   "documents": len(examples), "faithfulness": not no_faithfulness, "version": "eraser-v1",
                   "precision": precision}
         out = out or Path("results") / f"eraser_{'all' if method == 'all' else '+'.join(methods)}.h5"
@@ -137,7 +143,8 @@ def register(app: typer.Typer):
         typer.echo(header_line({**config, "benchmark": "eraser"}, len(examples), "documents"))
         _say_where_resumed(out, overwrite, methods, len(examples))
         sums = run_eraser(examples, mdl, tok, methods, out, config, batch_size=batch_size, overwrite=overwrite,
-                          quiet=quiet, faithfulness=not no_faithfulness, precision=precision, device=device)
+                          quiet=quiet, faithfulness=not no_faithfulness, precision=precision, device=device,
+                          method_options=options)
         if sums is None:  # a torchrun rank other than 0: rank 0 merged the shards and reports
             return
         from .vision import eraser_report
@@ -151,9 +158,10 @@ def register(app: typer.Typer):
 
 
 def word_relevance(text: str, model_spec: str = "embedded", method: str = "transformer_attribution", target=None,
-                   precision: str = "float64"):
+                   precision: str = "float64", options: dict | None = None):
     """(words, word scores normalised to [0, 1], predicted label, explained label, probabilities);
-    computed in `precision` (float64 by default, or float32)."""
+    computed in `precision` (float64 by default, or float32); options: the method's options
+    (`explain(..., **options)`)."""
     import numpy as np
 
     from ..api import explain
@@ -174,7 +182,7 @@ def word_relevance(text: str, model_spec: str = "embedded", method: str = "trans
     import torch
 
     expl = explain(adapter, x, method=method, target=None if target is None else torch.tensor([int(target)]),
-                   precision=precision)
+                   precision=precision, **(options or {}))
     ws = word_scores(expl.token_map[0].double().numpy(), x.word_ids[0], x.special_mask[0].numpy(), len(words))
     ws = np.where(np.isfinite(ws), ws, 0.0)
     top = ws.max()
@@ -186,13 +194,19 @@ def word_relevance(text: str, model_spec: str = "embedded", method: str = "trans
 
 
 def explain_text(text: str, model: str = "embedded", method: str = "transformer_attribution", target=None, html=None,
-                 precision: str = "float64"):
+                 precision: str = "float64", options=None):
     """Print the words coloured by relevance (ANSI background) and the predicted class; --html writes a page.
 
     Colours are used on a terminal or with FORCE_COLOR set (never with NO_COLOR); otherwise each word
     is followed by its score in brackets. Scores are word relevances divided by the largest one.
+    options: the `--option` pairs (`commands.common.method_options`), refused before the model loads.
     """
-    words, scores, pred, explained, probs = word_relevance(text, model or "embedded", method, target, precision)
+    from ..explainers import get_method
+
+    name = get_method(method).name
+    per_method = method_options(options, [name])
+    words, scores, pred, explained, probs = word_relevance(text, model or "embedded", method, target, precision,
+                                                           per_method.get(name))
     import os
     import sys
 

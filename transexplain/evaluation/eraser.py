@@ -368,11 +368,12 @@ FLOAT_ROWS = ("f1", "auprc", "average_precision", "iou_p", "iou_r", "comp", "suf
 
 
 def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, rationale_k: int,
-                   faithfulness: bool = True, precision: str = "float64") -> dict:
+                   faithfulness: bool = True, precision: str = "float64", options: dict | None = None) -> dict:
     """Explain a batch of examples for their true class and return per-document metric rows.
 
     precision: the explanation and the comprehensiveness / sufficiency forwards run in it
-    (`transexplain.precision`); the model itself is not modified.
+    (`transexplain.precision`); the model itself is not modified. options: the method's options
+    (`explain(..., **options)`, e.g. {"steps": 5}; `--option` of `tx-bench eraser`).
     """
     import torch
 
@@ -381,7 +382,7 @@ def evaluate_batch(adapter, tokenizer, examples, method: str, max_length: int, r
 
     x = text_batch(adapter, tokenizer, examples, max_length)
     labels = [e.label for e in examples]
-    expl = explain(adapter, x, method=method, target=torch.tensor(labels), precision=precision)
+    expl = explain(adapter, x, method=method, target=torch.tensor(labels), precision=precision, **(options or {}))
     tok = expl.token_map.double().cpu().numpy()
     pred = expl.logits.argmax(-1).cpu().numpy()
     rows = {k: [] for k in ("annotation_id", "label", "pred", "tp", "n_pred", "n_gold", "f1", "auprc",
@@ -497,7 +498,8 @@ def summarise(rows: dict) -> dict:
 
 def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_size: int = 8, overwrite: bool = False,
                quiet: bool = False, max_length: int | None = None, faithfulness: bool = True,
-               precision: str = "float64", device: str = "cpu", shard=None) -> dict | None:
+               precision: str = "float64", device: str = "cpu", shard=None,
+               method_options: dict | None = None) -> dict | None:
     """Run every method over `examples`, appending rows to the HDF5 file `out` (resumable).
 
     Returns {method: summary}. The file's root attribute `benchmark` is "eraser"; each method is a
@@ -507,6 +509,8 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
     shard: the documents this process takes (`evaluation.sharding.Shard`; by default what torchrun
     says, else all): under torchrun each rank writes a shard of `out` and rank 0 merges them into
     `out`; the other ranks return None.
+    method_options: {method: {option: value}} (`commands.common.method_options`), passed to every
+    explanation of that method; `config` records them (the CLI stores `method_options` when given).
     """
     from tqdm import tqdm
 
@@ -536,7 +540,8 @@ def run_eraser(examples, model, tokenizer, methods, out, config: dict, batch_siz
             for i in range(start, len(part), batch_size):
                 chunk = part[i:i + batch_size]
                 rows = evaluate_batch(adapter, tokenizer, [e for _, e in chunk], method, max_length, rationale_k,
-                                      faithfulness, precision=precision)
+                                      faithfulness, precision=precision,
+                                      options=(method_options or {}).get(method))
                 store.append(method, {"index": np.array([j for j, _ in chunk], dtype=np.int64), **rows})
                 interrupt.progress(mi * len(part) + i + len(chunk), total, "documents")
                 batches_done += 1

@@ -321,9 +321,12 @@ def score_text_method(adapter, tokenizer, model, x, examples, pred, p_clean, met
 
 def run_text_suite(examples, model, tokenizer, store, methods, metrics, limit=None, batch_size: int = 8,
                    forward_batch: int = 64, device: str = "cpu", quiet: bool = False, precision: str = "float64",
-                   max_length: int | None = None, shard=None) -> dict:
+                   max_length: int | None = None, shard=None, method_options: dict | None = None) -> dict:
     """Every chosen metric for every method over `examples` (`data.eraser.Example`, labels aligned
-    with the model), resuming from `store`'s last committed batch. Returns `suite.summarise`."""
+    with the model), resuming from `store`'s last committed batch. Returns `suite.summarise`.
+    method_options: {method: {option: value}} (`commands.common.method_options`), passed to every
+    explanation of that method -- on the clean inputs and on the randomised models alike, as the
+    image suite's `explainer_of` does."""
     from ..api import explain
     from ..models.text import TextAdapter
     from ..precision import at_precision, check_precision
@@ -362,8 +365,9 @@ def run_text_suite(examples, model, tokenizer, store, methods, metrics, limit=No
                            "label": np.array([e.label for e in chunk], dtype=np.int64), "pred": pred.numpy(),
                            "p_clean": p_clean}}
         for method in methods:
-            def explain_fn(ad, xx, target, method=method):
-                return explain(ad, xx, method=method, target=target, precision=precision).token_map.detach()
+            def explain_fn(ad, xx, target, method=method, options=(method_options or {}).get(method, {})):
+                return explain(ad, xx, method=method, target=target, precision=precision,
+                               **options).token_map.detach()
 
             scores = score_text_method(adapter, tokenizer, fwd_model, x, chunk, pred, p_clean, metrics, explain_fn,
                                        max_length, forward_batch, randomised, precision)
