@@ -266,3 +266,29 @@ def test_text_integrated_gradients_completeness():
     gap = (r.token_map.sum(-1) - delta).abs().max().item()
     assert gap < 1e-6
     assert delta.abs().min().item() > 1e-4  # not vacuous
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+def test_a_given_target_reuses_captums_forward(vit, method, monkeypatch):
+    """With the class given, saliency and input x gradient run one forward (Captum's, on the clean
+    inputs) and return its logits: the same map, target and logits as with the class found by a
+    separate forward; a class out of range is still refused in one sentence."""
+    from transexplain.errors import UserError
+    from transexplain.models.vit import ViTAdapter
+
+    x = images(3)
+    pred = predicted(vit, x)
+    free = explain(vit, x, method=method)  # target None: a no-grad forward picks the class first
+    calls = []
+    run = ViTAdapter.run
+    monkeypatch.setattr(ViTAdapter, "run", lambda self, *a, **k: calls.append(1) or run(self, *a, **k))
+    given = explain(vit, x, method=method, target=pred)
+    assert len(calls) == 1
+    assert torch.equal(given.target, free.target)
+    assert torch.equal(given.token_map, free.token_map)
+    with torch.no_grad():
+        assert (given.logits - vit(x)).abs().max().item() < 1e-12
+    with pytest.raises(UserError, match="out of range"):
+        explain(vit, x, method=method, target=99)
+    with pytest.raises(UserError, match="targets for 3 images"):
+        explain(vit, x, method=method, target=[0, 1])

@@ -45,6 +45,10 @@ class _CaptumInput:
     def __init__(self, adapter, x):
         self.adapter = adapter
         self.pixels = bool(getattr(adapter, "pixel_input", True))
+        #: set by `keep_clean_logits`: the target to check, and the logits of the first forward that
+        #: Captum runs on `inputs` themselves (Saliency, InputXGradient: their only forward)
+        self.target = None
+        self.clean_logits = None
         if self.pixels:
             self.inputs = x.detach().requires_grad_(True)
             self.args = None
@@ -59,6 +63,14 @@ class _CaptumInput:
             self.valid = x.attention_mask.bool()
 
     def forward(self, inputs, *args):
+        out = self._forward(inputs, *args)
+        if self.target is not None and self.clean_logits is None and inputs.shape == self.inputs.shape \
+                and inputs.data_ptr() == self.inputs.data_ptr():
+            self.clean_logits = out.detach()
+            select_target(self.clean_logits, self.target)  # a class out of range: one sentence, not an IndexError
+        return out
+
+    def _forward(self, inputs, *args):
         if self.pixels:
             return self.adapter.run(inputs).logits
         from ..models.text import TextBatch
@@ -125,9 +137,19 @@ class _CaptumExplainer(Explainer):
     def defaults(cls):
         return {"libragrad": False}
 
+    #: the Captum call's own forward runs on the clean inputs (Saliency, InputXGradient): with a given
+    #: target its logits are the clean logits, and no separate forward is run
+    reuses_forward = False
+
     def _start(self, adapter, x, target):
         wrapped = _CaptumInput(adapter, x)
         self.pixel_level = wrapped.pixels
+        if self.reuses_forward and target is not None:
+            t = torch.as_tensor(target, device=wrapped.inputs.device).long().reshape(-1)
+            if t.numel() not in (1, len(wrapped.inputs)):
+                raise UserError(f"Got {t.numel()} targets for {len(wrapped.inputs)} images: give one target, or one per image.")
+            wrapped.target = t.expand(len(wrapped.inputs)) if t.numel() == 1 else t
+            return wrapped, wrapped.target, None
         target, logits = _target_and_logits(adapter, x, target)
         return wrapped, target, logits
 
@@ -146,6 +168,8 @@ class _CaptumExplainer(Explainer):
         with libragrad_context(self.options):  # checks the option before any work
             wrapped, target, logits = self._start(adapter, x, target)
             attr = attribute(wrapped, target).detach()
+        if logits is None:
+            logits = wrapped.clean_logits
         self._finish(adapter, x, wrapped)
         return (wrapped.reduce_signed(attr) if signed else wrapped.reduce_magnitude(attr)), logits, target
 
@@ -155,6 +179,8 @@ class Saliency(_CaptumExplainer):
     name = "saliency"
     description = ("Saliency (Simonyan et al. 2014, Captum Saliency): |∂y_t/∂x|, max over colour channels "
                    "(text: summed over hidden units of the embedding output); option libragrad=true: LibraGrad's backward.")
+
+    reuses_forward = True
 
     def scores(self, adapter, x, target):
         from captum.attr import Saliency as CaptumSaliency
@@ -168,6 +194,8 @@ class InputXGradient(_CaptumExplainer):
     name = "input_x_gradient"
     description = ("Input × gradient (Shrikumar et al. 2016, Captum InputXGradient): x ⊙ ∂y_t/∂x summed over "
                    "colour channels (text: embedding output, summed over hidden units); option libragrad=true: LibraGrad's backward.")
+
+    reuses_forward = True
 
     def scores(self, adapter, x, target):
         from captum.attr import InputXGradient as CaptumInputXGradient
