@@ -40,3 +40,34 @@ def rollout_reference(attentions):
 @pytest.fixture
 def vit64():
     return make_vit()
+
+
+def make_tiny_bert():
+    """A 2-layer float64 BERT classifier (3 classes, vocabulary 50) with spread weights: a fresh
+    BERT's biases are zero and its LayerNorm weights one, which would hide mistakes."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_labels=3, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                     intermediate_size=32, vocab_size=50)
+    model = BertForSequenceClassification(cfg).eval().double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def make_text_batch(rows: int = 2):
+    """(ids, mask) of `rows` 7-token texts for `make_tiny_bert`: [CLS]-like id 2 first, the second
+    text padded after 4 tokens, the third (if any) after 6."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 50, (rows, 7), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    if rows > 2:
+        mask[2, 6:] = 0
+    return ids * mask, mask

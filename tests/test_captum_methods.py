@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_vit
+from conftest import make_text_batch, make_tiny_bert, make_vit
 from transexplain import explain
 
 METHODS = ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"]
@@ -188,31 +188,6 @@ def test_unknown_options_and_baselines_are_refused(vit):
 
 
 # -- text: gradients with respect to the embedding output ----------------------------------------------
-def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(num_labels=3, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
-                     intermediate_size=32, vocab_size=50)
-    model = BertForSequenceClassification(cfg).eval().double()
-    with torch.no_grad():  # spread the weights and give every bias a value (a fresh BERT's are zero)
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.3 * torch.randn_like(p))
-    return model
-
-
-def text_batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 50, (2, 7), generator=g)
-    ids[:, 0] = 2
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    return ids * mask, mask
-
-
 def hf_logits_from_embedding(model, ids, mask, h):
     """Hugging Face's own forward with the embedding output replaced by `h`."""
     handle = model.bert.embeddings.register_forward_hook(lambda m, a, out: h)
@@ -223,8 +198,8 @@ def hf_logits_from_embedding(model, ids, mask, h):
 
 
 def test_text_gradients_on_the_embedding_output():
-    model = tiny_bert()
-    ids, mask = text_batch()
+    model = make_tiny_bert()
+    ids, mask = make_text_batch(2)
     with torch.no_grad():
         h = model.bert.embeddings(input_ids=ids)
         t = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
@@ -256,8 +231,8 @@ def test_text_integrated_gradients_completeness():
     α = 0 and α ≈ 1e-6 and no quadrature sees the jump); with nonzero biases, as in trained models, it is
     smooth but steep: gap measured 3e-3 at 20 nodes, 4e-7 at 48, 1e-9 at 100 (the floor of Captum's
     float32 weights, 2^-24·|Δf| ≈ 1e-7); asserted to 1e-6 at 100 nodes."""
-    model = tiny_bert()
-    ids, mask = text_batch()
+    model = make_tiny_bert()
+    ids, mask = make_text_batch(2)
     r = explain(model, {"input_ids": ids, "attention_mask": mask}, method="integrated_gradients", steps=100)
     with torch.no_grad():
         h = model.bert.embeddings(input_ids=ids)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_vit
+from conftest import make_text_batch, make_tiny_bert, make_vit
 from transexplain import explain
 from transexplain.explainers import get_method
 
@@ -114,33 +114,9 @@ def test_smoothgrad_equals_captum_noise_tunnel_on_our_noise(vit):
 
 
 # -- 1b. Captum on Hugging Face BERT, at the embedding output ---------------------------------------------
-def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(num_labels=3, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
-                     intermediate_size=32, vocab_size=50)
-    model = BertForSequenceClassification(cfg).eval().double()
-    with torch.no_grad():  # spread the weights, give every bias a value
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "LayerNorm" in name and name.endswith("weight")
-                    else 0.3 * torch.randn_like(p))
-    return model
-
-
-def text_batch():
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 50, (3, 7), generator=g)
-    ids[:, 0] = 2
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    mask[2, 6:] = 0
-    return ids * mask, mask
-
-
 @pytest.fixture(scope="module")
 def bert():
-    return tiny_bert()
+    return make_tiny_bert()
 
 
 TEXT_TARGET = torch.tensor([1, 0, 2])
@@ -167,7 +143,7 @@ def test_text_saliency_and_input_x_gradient_equal_captum_layer_attribution(bert)
     # the layer gradient (multiply_by_inputs=False) for saliency, h ⊙ gradient for input × gradient;
     # summed over hidden units; padding scores 0 on both sides. Measured: saliency 3.4e-16 / 2.1e-16,
     # input × gradient 3.9e-16 / 5.8e-16
-    ids, mask = text_batch()
+    ids, mask = make_text_batch(3)
     batch = {"input_ids": ids, "attention_mask": mask}
     grad = captum_attr.LayerGradientXActivation(hf_forward(bert), bert.bert.embeddings, multiply_by_inputs=False
                                                 ).attribute(ids, target=TEXT_TARGET, additional_forward_args=(mask,))
@@ -186,7 +162,7 @@ def test_text_integrated_gradients_and_smoothgrad_equal_captum(bert):
     # LayerIntegratedGradients takes its baseline as token ids, so it cannot start from a zero
     # embedding); NoiseTunnel(Saliency) on our noise (valid tokens only). Measured: IG 3.1e-16 / 3.1e-16,
     # SmoothGrad 4.3e-16 / 2.9e-16
-    ids, mask = text_batch()
+    ids, mask = make_text_batch(3)
     batch = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
         h = bert.bert.embeddings(input_ids=ids)
