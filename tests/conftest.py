@@ -7,6 +7,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+
+def spread_weights(model, scale: float, is_norm=lambda name: "norm" in name) -> None:
+    """Redraw every parameter (from the global RNG, in parameter order): normalisation gains 1 ± 0.1,
+    everything else scale·N(0, 1), so that attention is peaked and biases are not zero."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_norm(name) and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(scale * torch.randn_like(p))
+
 def make_vit(depth=2, heads=2, dim=16, img=(16, 16), patch=4, classes=5, dtype=torch.float64, seed=0, **kw):
     """A small random-weight timm ViT whose weights are spread enough to make attention peaked."""
     import timm
@@ -16,12 +27,7 @@ def make_vit(depth=2, heads=2, dim=16, img=(16, 16), patch=4, classes=5, dtype=t
         "vit_tiny_patch16_224", pretrained=False, img_size=img, patch_size=patch, embed_dim=dim,
         depth=depth, num_heads=heads, num_classes=classes, qkv_bias=True, **kw,
     )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.5 * torch.randn_like(p))
+    spread_weights(model, 0.5)
     return model.to(dtype).eval()
 
 
@@ -51,12 +57,7 @@ def make_tiny_bert():
     cfg = BertConfig(num_labels=3, num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
                      intermediate_size=32, vocab_size=50)
     model = BertForSequenceClassification(cfg).eval().double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.3 * torch.randn_like(p))
+    spread_weights(model, 0.3, lambda name: "LayerNorm" in name)
     return model
 
 

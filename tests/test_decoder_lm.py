@@ -11,7 +11,7 @@ from transexplain.explainers.base import refusal
 from transexplain.models import as_adapter
 from transexplain.models.decoder import DecoderAdapter
 
-from conftest import rollout_reference
+from conftest import rollout_reference, spread_weights
 
 VOCAB = 40
 
@@ -19,12 +19,7 @@ VOCAB = 40
 def _spread(model, seed=0):
     """Weights spread so that attention is peaked and the SwiGLU gate far from linear."""
     torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ("ln" in name or "norm" in name) and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.5 * torch.randn_like(p))
+    spread_weights(model, 0.5, lambda name: "ln" in name or "norm" in name)
     return model.double().eval()
 
 

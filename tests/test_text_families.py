@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import DebertaV2Config, DebertaV2ForSequenceClassification  # noqa: E402
 from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position  # noqa: E402
 
+from conftest import spread_weights  # noqa: E402
 from transexplain import explain  # noqa: E402
 from transexplain.errors import UserError  # noqa: E402
 from transexplain.explainers import method_names  # noqa: E402
@@ -46,12 +47,7 @@ def tiny_deberta(layout="v3", seed=0, dtype=torch.float64):
     the relative terms are far from uniform and zero."""
     torch.manual_seed(seed)
     model = DebertaV2ForSequenceClassification(DebertaV2Config(**TINY, **CONFIGS[layout]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.4 * torch.randn_like(p))
+    spread_weights(model, 0.4, lambda name: "LayerNorm" in name)
     return model.eval().to(dtype)
 
 
