@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lrp import Tape
+from ..lrp.attnlrp import layer_norm_stats
 from .base import CAPABILITIES, EncoderAdapter, Trace
 from .vit import _conv_stem, _refuse, input_channels, record_patch_embedding
 
@@ -169,10 +170,8 @@ class SwinAdapter(EncoderAdapter):
                     h = tape.passthrough(ds.norm, h)
                     h = tape.linear(h, ds.reduction)
             for blk in stage.blocks:
-                with torch.no_grad():
-                    var, mu = torch.var_mean(h.detach(), dim=-1, unbiased=False)
-                    sigma = torch.sqrt(var + blk.norm1.eps)
-                stats.append((mu.flatten(1), sigma.flatten(1)))
+                mu, rstd = layer_norm_stats(h, h.shape[-1:], blk.norm1.eps)
+                stats.append((mu.flatten(1), rstd.reciprocal_().flatten(1)))
                 inputs.append(h)
                 h, att = self._block(tape, blk, h, b, sink)
                 attentions.append(att)
