@@ -100,11 +100,60 @@ def _target_and_logits(adapter, x, target):
     return select_target(logits, target), logits.detach()
 
 
-def _chunk(options, batch: int) -> int:
-    size = int(options["internal_batch_size"])
-    if size < 1:
-        raise UserError(f"internal_batch_size must be a positive number of rows per pass, got {size}.")
-    return max(size, batch)
+#: "auto" rows per pass: one pass's autograd graph (the tensors it saves for the backward that grow
+#: with the rows) is kept under this many bytes on a CPU; on a GPU under a quarter of its memory
+CPU_GRAPH_BUDGET = 1 << 30
+_ROW_BYTES: dict = {}  # (model, row shape, dtype, device, backward rules) -> graph bytes per row
+
+
+def _saved_bytes(wrapped, rows: int) -> int:
+    """Bytes of the distinct storages a forward of the first `rows` rows saves for its backward."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[(st.data_ptr(), t.device)] = st.nbytes()
+        return t
+
+    x = wrapped.inputs[:rows].detach().requires_grad_(True)
+    args = () if wrapped.args is None else tuple(a[:rows] for a in wrapped.args)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = wrapped._forward(x, *args)
+    del out
+    return sum(storages.values())
+
+
+def graph_bytes_per_row(wrapped) -> int:
+    """What one more input row adds to a gradient pass's saved tensors: the forward of 2 rows minus
+    that of 1, measured once per (model, row shape, dtype, device, backward rules). The difference
+    leaves out what every pass shares (the weights the linear layers save)."""
+    from ..lrp.core import active_rules
+
+    inputs = wrapped.inputs
+    model = getattr(wrapped.adapter, "model", wrapped.adapter)
+    key = (id(model), tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), repr(active_rules()))
+    if key not in _ROW_BYTES:
+        if len(inputs) < 2:  # one row only: all of its graph counts
+            return max(_saved_bytes(wrapped, 1), 1)
+        if len(_ROW_BYTES) > 256:
+            _ROW_BYTES.clear()
+        _ROW_BYTES[key] = max(_saved_bytes(wrapped, 2) - _saved_bytes(wrapped, 1), 1)
+    return _ROW_BYTES[key]
+
+
+def rows_per_pass(options, wrapped) -> int:
+    """The `internal_batch_size` option as rows per gradient pass: a positive integer as given, or
+    "auto": as many rows as keep one pass's graph under `CPU_GRAPH_BUDGET` (CPU) or a quarter of the
+    GPU's memory (`graph_bytes_per_row`). Memory only: every row's map is computed alone."""
+    size = options["internal_batch_size"]
+    if size == "auto":
+        device = wrapped.inputs.device
+        budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda"
+                  else CPU_GRAPH_BUDGET)
+        return max(1, budget // graph_bytes_per_row(wrapped))
+    if isinstance(size, bool) or not isinstance(size, (int, str)) or not str(size).isdigit() or int(size) < 1:
+        raise UserError(f"internal_batch_size must be a positive number of rows per pass or 'auto', got {size!r}.")
+    return int(size)
 
 
 def libragrad_context(options):
@@ -227,7 +276,7 @@ class IntegratedGradients(_CaptumExplainer):
 
     @classmethod
     def defaults(cls):
-        return {"steps": 20, "baseline": "zeros", "internal_batch_size": 32, "libragrad": False}
+        return {"steps": 20, "baseline": "zeros", "internal_batch_size": "auto", "libragrad": False}
 
     def scores(self, adapter, x, target):
         from captum.attr import IntegratedGradients as CaptumIG
@@ -235,10 +284,20 @@ class IntegratedGradients(_CaptumExplainer):
         steps = _positive_int(self.options, "steps")
 
         def attribute(wrapped, t):
-            return CaptumIG(wrapped.forward).attribute(
-                wrapped.inputs, baselines=_baseline(adapter, wrapped, self.options["baseline"]), target=t,
-                additional_forward_args=wrapped.args, n_steps=steps, method=QUADRATURE,
-                internal_batch_size=_chunk(self.options, len(wrapped.inputs)))
+            baselines = _baseline(adapter, wrapped, self.options["baseline"])
+            rows = rows_per_pass(self.options, wrapped)
+            ig = CaptumIG(wrapped.forward)
+            if rows >= len(wrapped.inputs):  # Captum runs rows // B steps of the whole batch per pass
+                return ig.attribute(wrapped.inputs, baselines=baselines, target=t, additional_forward_args=wrapped.args,
+                                    n_steps=steps, method=QUADRATURE, internal_batch_size=rows)
+            parts = []  # fewer rows than samples: the samples in groups, one step of a group per pass
+            for start in range(0, len(wrapped.inputs), rows):
+                part = slice(start, start + rows)
+                args = None if wrapped.args is None else tuple(a[part] for a in wrapped.args)
+                parts.append(ig.attribute(wrapped.inputs[part].detach(), baselines=baselines[part], target=t[part],
+                                          additional_forward_args=args, n_steps=steps, method=QUADRATURE,
+                                          internal_batch_size=len(wrapped.inputs[part])).detach())
+            return torch.cat(parts)
 
         return self._explain(adapter, x, target, attribute, signed=True)
 
@@ -252,7 +311,7 @@ class SmoothGrad(_CaptumExplainer):
 
     @classmethod
     def defaults(cls):
-        return {"samples": 20, "noise": 0.15, "seed": 0, "internal_batch_size": 32, "libragrad": False}
+        return {"samples": 20, "noise": 0.15, "seed": 0, "internal_batch_size": "auto", "libragrad": False}
 
     def noise(self, x, wrapped) -> torch.Tensor:
         """(B, samples, *input shape) Gaussian noise, each sample's drawn from its own generator."""
@@ -301,7 +360,7 @@ class SmoothGrad(_CaptumExplainer):
         rows = (wrapped.inputs.detach().unsqueeze(1) + eps).reshape(n_batch * n, *wrapped.inputs.shape[1:])
         row_target = target.repeat_interleave(n)
         row_args = None if wrapped.args is None else tuple(a.repeat_interleave(n, 0) for a in wrapped.args)
-        chunk = _chunk(self.options, 1)
+        chunk = rows_per_pass(self.options, wrapped)
         saliency = CaptumSaliency(wrapped.forward)
         parts = []
         for start in range(0, len(rows), chunk):

@@ -43,6 +43,11 @@ class Node:
 _GRADIENT_RULES: contextvars.ContextVar = contextvars.ContextVar("tape_gradient_rules", default=None)
 
 
+def active_rules():
+    """The rule set `gradient_rules` has switched on here (None: plain gradients)."""
+    return _GRADIENT_RULES.get()
+
+
 @contextlib.contextmanager
 def gradient_rules(rules):
     """Every `Tape` created inside this block (i.e. every recorded forward an adapter runs) hands
