@@ -7,8 +7,8 @@ once and handed back), and, in the same run, interleaved with it, the work the m
 
   forwards     the plain forwards of the perturbed copies the metric needs (steps x images, in chunks
                of --forward-batch inputs of the same shape, `model(x)` under no_grad, nothing else);
-  explanations max_sensitivity: the method's explanation of S inputs per image (one call on B*S
-               inputs); randomisation: one explanation of the batch per cascading stage, on the
+  explanations max_sensitivity: the method's explanation of S inputs per image (B*S inputs, B at a
+               time, as the suite runs them: `suite.explain_in_batches`); randomisation: one explanation of the batch per cascading stage, on the
                randomised models (the models are randomised once per run, outside the timing).
 
 ratio = metric time / that baseline (target <= 1.2). Localisation metrics need no forward at all:
@@ -76,8 +76,8 @@ def main():
     from transexplain.data.shapes import embedded_paths
     from transexplain.evaluation.metrics import resolve_metrics
     from transexplain.evaluation.segmentation import SegmentationData
-    from transexplain.evaluation.suite import (DEFAULT_OPTIONS, cascading_randomisation, per_image_generators,
-                                               score_method)
+    from transexplain.evaluation.suite import (DEFAULT_OPTIONS, cascading_randomisation, explain_in_batches,
+                                               per_image_generators, score_method)
     from transexplain.models import as_adapter
     from transexplain.models.loading import load_model
     from transexplain.precision import PRECISIONS, adapter_at, at_precision
@@ -155,7 +155,7 @@ def main():
         n = sum(distinct_forwards(ms, opts).values()) * b
         extra = []
         if "max_sensitivity" in ms:
-            extra.append(lambda: explain_any(model, xs_sens, pred.repeat_interleave(s_sens)))
+            extra.append(lambda: explain_in_batches(explain_any, model, xs_sens, pred.repeat_interleave(s_sens), b))
         if "randomisation" in ms:
             extra += [lambda rm=rm: explain_any(rm, x, pred) for _, rm in randomised]
 

@@ -273,6 +273,31 @@ def test_max_sensitivity_by_hand():
 
 # ---------------------------------------------------------------- randomisation
 
+def test_max_sensitivity_explains_the_copies_a_batch_at_a_time():
+    """The S perturbed copies of each image go through the explainer at most the run's batch size at a
+    time, in order, and give what one call on every copy gives (a real explainer, rollout and attnlrp
+    on the tiny ViT: each map depends on its own input only)."""
+    from conftest import make_vit
+    from transexplain import explain
+    from transexplain.evaluation.suite import explain_in_batches
+
+    vit = make_vit()
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(7, 3, 16, 16, generator=g, dtype=torch.float64)
+    targets = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    for method in ("rollout", "attnlrp"):
+        seen = []
+
+        def fn(model, x, t, method=method):
+            seen.append(len(x))
+            return explain(model, x, method=method, target=t).heatmap.detach()
+        whole = fn(vit, xs, targets)
+        seen.clear()
+        chunked = explain_in_batches(fn, vit, xs, targets, 3)
+        assert seen == [3, 3, 1]
+        assert (chunked - whole).abs().max().item() < 1e-12
+
+
 def test_spearman_by_hand_and_against_scipy():
     from scipy.stats import spearmanr
 

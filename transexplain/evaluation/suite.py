@@ -212,13 +212,22 @@ def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill
         elif m == "max_sensitivity":
             s = opts["sensitivity_samples"]
             xs = robustness.sensitivity_perturbations(x, s, opts["sensitivity_radius"], noise_for(m))
-            pm = explain_fn(model, xs.reshape(-1, *x.shape[1:]), pred.repeat_interleave(s))
+            pm = explain_in_batches(explain_fn, model, xs.reshape(-1, *x.shape[1:]), pred.repeat_interleave(s), b)
             out[m] = {"value": robustness.max_sensitivity(maps_np, pm.reshape(b, s, *maps.shape[1:]).double().cpu())}
         elif m == "randomisation":
             stages = np.stack([explain_fn(rm, x, pred).double().cpu().numpy() for _, rm in randomised])
             value, per_stage = sanity.randomisation(maps_np, stages)
             out[m] = {"value": value, "per_stage": per_stage}
     return out
+
+
+def explain_in_batches(explain_fn, model, xs, targets, rows: int):
+    """`explain_fn(model, xs, targets)` in consecutive chunks of `rows` inputs, concatenated: the S
+    perturbed copies max-sensitivity explains per image go through the explainer `rows` (the run's
+    batch size) at a time, so their autograd graphs take no more memory than the clean explanation's
+    (one call on all B*S copies held S times as much). Every map depends on its own input only."""
+    rows = max(int(rows), 1)
+    return torch.cat([explain_fn(model, xs[i:i + rows], targets[i:i + rows]) for i in range(0, len(xs), rows)])
 
 
 def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int = 8, forward_batch: int = 256,
