@@ -53,7 +53,9 @@ TARGETS_FWD_BWD = {"integrated_gradients": 20, "smoothgrad": 20}
 #: each method's cost floor as stated in its docs/methods.md section, in (forwards, forward+backward
 #: passes) at the default options: the work its definition cannot avoid. The methods without a
 #: target above are held to 1.2 x their floor (the slack the attention-gradient targets allow).
-FLOORS = {"saliency": (0, 1), "input_x_gradient": (0, 1), "integrated_gradients": (0, 20), "smoothgrad": (0, 20),
+#: (integrated gradients and SmoothGrad return the clean logits too: one forward of the clean input
+#: besides their 20 gradients)
+FLOORS = {"saliency": (0, 1), "input_x_gradient": (0, 1), "integrated_gradients": (1, 20), "smoothgrad": (1, 20),
           "legrad": (0, 1), "attcat": (0, 1), "tokentm": (0, 1), "bt_h": (0, 20), "bt_t": (0, 20),
           "attnlrp": (0, 1), "cp_lrp": (0, 1), "generic_attention": (0, 1), "gradcam": (0, 1),
           "rollout": (1, 0), "raw_attention": (1, 0)}
