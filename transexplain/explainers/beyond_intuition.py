@@ -69,6 +69,13 @@ from ..errors import UserError
 from .base import Explainer, register, select_target, target_gradients
 
 
+def _last_attention_gradient(adapter, x, alpha: float, target, last: int) -> torch.Tensor:
+    """∂y_c/∂A^L at α·x, detached; the pass's graph is freed on return (one graph at a time)."""
+    scaled = scaled_run(adapter, x, alpha)
+    (g,) = target_gradients(scaled.logits, target, [scaled.attentions[last]])
+    return g.detach()
+
+
 def scaled_run(adapter, x, alpha: float):
     """The adapter's forward with the input scaled by `alpha`: the normalised pixels for images, the
     embedding output for text (the public BERT code's `alpha * embedding_output`)."""
@@ -149,12 +156,11 @@ class _BeyondIntuition(Explainer):
         wanted = [trace.attentions[b] for b in range(start if not self.tokenwise else last, n_blocks)]
         grads = [g.detach() for g in target_gradients(trace.logits, target, wanted)]
         grad_at = dict(zip(range(n_blocks - len(grads), n_blocks), grads))
+        trace.release_graph()  # the α passes below need its values, not its graph
         # reasoning feedback: Riemann mean of ∂y_c/∂A^L over α·x, α = 0 .. 1 (α = 1: the gradient above)
         total = grad_at[last].clone()
         for alpha in torch.linspace(0.0, 1.0, steps, dtype=torch.float64)[:-1].tolist():
-            scaled = scaled_run(adapter, x, alpha)
-            (g,) = target_gradients(scaled.logits, target, [scaled.attentions[last]])
-            total += g.detach()
+            total += _last_attention_gradient(adapter, x, alpha, target, last)
         w_mat = (total / steps).clamp(min=0).mean(1)
         readout = adapter.readout(trace)
         w = adapter.mix(readout, last, w_mat)

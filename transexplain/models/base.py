@@ -23,6 +23,25 @@ class Trace:
     input: torch.Tensor
     extras: dict = field(default_factory=dict)
 
+    def release_graph(self) -> "Trace":
+        """Detach every tensor this trace holds (logits, attentions, extras), in place: the values stay,
+        the autograd graph behind them can be freed. For an explainer that has taken its gradients
+        and still reads the trace while it runs more forwards (Beyond Intuition's α passes)."""
+
+        def cut(v):
+            if isinstance(v, torch.Tensor):
+                return v.detach()
+            if isinstance(v, (list, tuple)):
+                return type(v)(cut(t) for t in v)
+            if isinstance(v, dict):
+                return {k: cut(t) for k, t in v.items()}
+            return v
+
+        self.logits = cut(self.logits)
+        self.attentions = cut(self.attentions)
+        self.extras = cut(self.extras)
+        return self
+
 
 #: What an adapter can offer an explainer, with the words a refusal uses for it. An explainer
 #: declares the capabilities it needs (`Explainer.needs`); the method x architecture matrix and
