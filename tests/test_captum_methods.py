@@ -303,9 +303,13 @@ def test_rows_per_pass_bound_the_passes_and_not_the_map(vit, method, monkeypatch
         assert (got - whole).abs().max().item() < 1e-12
         assert max(passes()) <= budget_rows
         assert method == "integrated_gradients" or max(passes()) == budget_rows  # SmoothGrad fills each pass
+    from transexplain.explainers import get_method
+
     for bad in (0, -2, "many", True, 2.5):
         with pytest.raises(UserError, match="internal_batch_size"):
             explain(vit, x, method=method, internal_batch_size=bad)
+        with pytest.raises(UserError, match="internal_batch_size"):  # when the method is set up (--option)
+            get_method(method)(internal_batch_size=bad)
 
 
 def test_graph_bytes_per_row_counts_the_rows_not_the_weights(vit):

@@ -146,14 +146,21 @@ def rows_per_pass(options, wrapped) -> int:
     "auto": as many rows as keep one pass's graph under `CPU_GRAPH_BUDGET` (CPU) or a quarter of the
     GPU's memory (`graph_bytes_per_row`). Memory only: every row's map is computed alone."""
     size = options["internal_batch_size"]
+    check_rows_option(size)
     if size == "auto":
         device = wrapped.inputs.device
         budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda"
                   else CPU_GRAPH_BUDGET)
         return max(1, budget // graph_bytes_per_row(wrapped))
+    return int(size)
+
+
+def check_rows_option(size) -> None:
+    """`internal_batch_size` is "auto" or a positive whole number (a digit string from the CLI too)."""
+    if size == "auto":
+        return
     if isinstance(size, bool) or not isinstance(size, (int, str)) or not str(size).isdigit() or int(size) < 1:
         raise UserError(f"internal_batch_size must be a positive number of rows per pass or 'auto', got {size!r}.")
-    return int(size)
 
 
 def libragrad_context(options):
@@ -185,6 +192,11 @@ class _CaptumExplainer(Explainer):
     @classmethod
     def defaults(cls):
         return {"libragrad": False}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if "internal_batch_size" in self.options:  # refused when the method is set up, before any work
+            check_rows_option(self.options["internal_batch_size"])
 
     #: the Captum call's own forward runs on the clean inputs (Saliency, InputXGradient): with a given
     #: target its logits are the clean logits, and no separate forward is run
