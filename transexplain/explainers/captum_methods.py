@@ -107,7 +107,7 @@ _ROW_BYTES: dict = {}  # (model, row shape, dtype, device, backward rules) -> gr
 
 
 def _saved_bytes(wrapped, rows: int) -> int:
-    """Bytes of the distinct storages a forward of the first `rows` rows saves for its backward."""
+    """Bytes of the distinct storages a forward of `rows` copies of the first row saves for its backward."""
     storages = {}
 
     def pack(t):
@@ -115,8 +115,9 @@ def _saved_bytes(wrapped, rows: int) -> int:
         storages[(st.data_ptr(), t.device)] = st.nbytes()
         return t
 
-    x = wrapped.inputs[:rows].detach().requires_grad_(True)
-    args = () if wrapped.args is None else tuple(a[:rows] for a in wrapped.args)
+    first = wrapped.inputs[:1].detach()
+    x = first.expand(rows, *first.shape[1:]).clone().requires_grad_(True)
+    args = () if wrapped.args is None else tuple(a[:1].expand(rows, *a.shape[1:]) for a in wrapped.args)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = wrapped._forward(x, *args)
     del out
@@ -133,8 +134,6 @@ def graph_bytes_per_row(wrapped) -> int:
     model = getattr(wrapped.adapter, "model", wrapped.adapter)
     key = (id(model), tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), repr(active_rules()))
     if key not in _ROW_BYTES:
-        if len(inputs) < 2:  # one row only: all of its graph counts
-            return max(_saved_bytes(wrapped, 1), 1)
         if len(_ROW_BYTES) > 256:
             _ROW_BYTES.clear()
         _ROW_BYTES[key] = max(_saved_bytes(wrapped, 2) - _saved_bytes(wrapped, 1), 1)

@@ -195,8 +195,8 @@ def cg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float = 1e-10, max_ite
 #: the 3 x 3 stencil in row-major order (flat index increasing): each matrix row's columns come out sorted
 _STENCIL = sorted([*NEIGHBOUR_WEIGHTS, (0, 0)])
 #: SuperLU's panel size (columns factored together); the default (10) is tuned for wider supernodes than
-#: this 2-D 9-point system has: 2 is 1.2-1.3x faster at 224 x 224 (measured: 80 vs 104 ms per imputation
-#: with the matrix assembly below, one thread; `scripts/bench_road_imputer.py`)
+#: this 2-D 9-point system has: 2 is 1.2-1.3x faster at 224 x 224 (measured in two runs: 80-83 vs
+#: 104-106 ms per imputation with the matrix assembly below, one thread)
 SUPERLU_PANEL_SIZE = 2
 
 
