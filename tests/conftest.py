@@ -7,7 +7,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-
 def spread_weights(model, scale: float, is_norm=lambda name: "norm" in name) -> None:
     """Redraw every parameter (from the global RNG, in parameter order): normalisation gains 1 ± 0.1,
     everything else scale·N(0, 1), so that attention is peaked and biases are not zero."""
@@ -17,6 +16,7 @@ def spread_weights(model, scale: float, is_norm=lambda name: "norm" in name) -> 
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.copy_(scale * torch.randn_like(p))
+
 
 def make_vit(depth=2, heads=2, dim=16, img=(16, 16), patch=4, classes=5, dtype=torch.float64, seed=0, **kw):
     """A small random-weight timm ViT whose weights are spread enough to make attention peaked."""

@@ -144,8 +144,7 @@ def rows_per_pass(options, wrapped) -> int:
     """The `internal_batch_size` option as rows per gradient pass: a positive integer as given, or
     "auto": as many rows as keep one pass's graph under `CPU_GRAPH_BUDGET` (CPU) or a quarter of the
     GPU's memory (`graph_bytes_per_row`). Memory only: every row's map is computed alone."""
-    size = options["internal_batch_size"]
-    check_rows_option(size)
+    size = options["internal_batch_size"]  # checked when the method was set up (`check_rows_option`)
     if size == "auto":
         device = wrapped.inputs.device
         budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda"

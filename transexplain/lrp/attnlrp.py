@@ -46,6 +46,13 @@ def layer_norm_stats(x: torch.Tensor, normalized_shape, eps: float) -> tuple:
     return mean, rstd
 
 
+def token_stats(h: torch.Tensor, eps: float) -> tuple:
+    """(μ, σ) of each token's features (the last dim) of `h`, flattened to (B, tokens): what a
+    LayerNorm with this `eps` divides by, as the adapters record it before each block (`ln_stats`)."""
+    mean, rstd = layer_norm_stats(h, h.shape[-1:], eps)
+    return mean.flatten(1), rstd.reciprocal_().flatten(1)
+
+
 def _ln_rstd(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """1/σ of LayerNorm `ln` at its input x, broadcastable to x."""
     return layer_norm_stats(x, ln.normalized_shape, ln.eps)[1]

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lrp import Tape
-from ..lrp.attnlrp import layer_norm_stats
+from ..lrp.attnlrp import token_stats
 from .base import CAPABILITIES, EncoderAdapter, Trace
 from .vit import _conv_stem, _refuse, input_channels, record_patch_embedding
 
@@ -170,8 +170,7 @@ class SwinAdapter(EncoderAdapter):
                     h = tape.passthrough(ds.norm, h)
                     h = tape.linear(h, ds.reduction)
             for blk in stage.blocks:
-                mu, rstd = layer_norm_stats(h, h.shape[-1:], blk.norm1.eps)
-                stats.append((mu.flatten(1), rstd.reciprocal_().flatten(1)))
+                stats.append(token_stats(h, blk.norm1.eps))
                 inputs.append(h)
                 h, att = self._block(tape, blk, h, b, sink)
                 attentions.append(att)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..lrp import Tape
-from ..lrp.attnlrp import layer_norm_stats
+from ..lrp.attnlrp import token_stats
 from .base import ClassTokenReadout, EncoderAdapter, Trace
 
 SUPPORTED = ("timm VisionTransformer / DeiT / BEiT, timm Eva (EVA-02), timm SwinTransformer (v1, v2), Hugging Face "
@@ -154,8 +154,7 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
         hidden = []  # per block: its output tokens (B, N, D), before the final norm (used by legrad)
         inputs = []  # per block: the tokens entering it (B, N, D) (used by bt_t and attcat)
         for b, blk in enumerate(m.blocks):
-            mu, rstd = layer_norm_stats(h, h.shape[-1:], getattr(blk.norm1, "eps", 1e-6))
-            ln_stats.append((mu.squeeze(-1), rstd.reciprocal_().squeeze(-1)))
+            ln_stats.append(token_stats(h, getattr(blk.norm1, "eps", 1e-6)))
             inputs.append(h)
             h, att = self._block(tape, blk, h, b, sink)
             attentions.append(att)
