@@ -91,6 +91,30 @@ def test_a_rank_killed_mid_run_resumes_to_the_same_numbers(fixtures, tmp_path):
     assert_same_records(fixtures["one"], out)
 
 
+def test_every_rank_killed_inside_an_hdf5_write_resumes_to_the_same_numbers(fixtures, tmp_path):
+    """A rank SIGKILLs itself in the middle of HDF5 writing its second batch into its shard (as
+    torchrun's SIGTERM to the other ranks did in CI, leaving "bad heap index"): the undo journal puts
+    the shard back to its last complete batch and the resumed run ends with one process's numbers."""
+    from transexplain.results.journal import KILL_ENV, journal_path
+
+    out = tmp_path / "torn.h5"
+    args = [*PERTURB, "--data", fixtures["imgs"], "--model", fixtures["ckpt"], "--out", out, "--num-workers", 0]
+    # each rank's changes: 1 the new shard's session record, 2 its first batch, 3 its second batch
+    torn = torchrun(3, *args, extra_env={KILL_ENV: "3:5"})
+    assert torn.returncode != 0 and not out.exists()
+    shards = sorted(tmp_path.glob("torn.shard-*.h5"))
+    # the first rank to reach that write dies in it; torchrun then SIGTERMs the others wherever they are
+    assert len(shards) == 3 and any(journal_path(s).exists() for s in shards)
+    from transexplain.results import ResultStore
+
+    assert {ResultStore(s).position for s in shards} <= {0, 2}  # a reader puts each back to a whole batch
+    assert not any(journal_path(s).exists() for s in shards)
+    resumed = torchrun(3, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_records(fixtures["one"], out)
+    assert not list(tmp_path.glob("torn.*journal"))
+
+
 def test_segmentation_with_two_processes_equals_one(fixtures, tmp_path):
     base = ["segment", "--method", "rollout", "--data", fixtures["seg"], "--model", fixtures["ckpt"],
             "--batch-size", 3, "--quiet", "--num-workers", 0]

@@ -211,3 +211,117 @@ def test_a_reader_works_while_the_writer_has_the_file_open(tmp_path):
     store.write_batch({"clean": {"hit": np.array([True])}}, position=3)  # the writer is not disturbed
     store.close()
     assert ResultStore(path).position == 3
+
+
+# ------------------------------------------------------------------ a kill inside a change
+def _second_batch(path):
+    store = ResultStore(path, CONFIG, environment={"host": "test"})
+    store.write_batch({"a/pos": {"x": np.array([2.5, 3.5]), "name": np.array(["c", "d"])},
+                       "b": {"y": np.full((2, 40), 7.0)}, "clean": {"label": np.array([3, 4])}}, position=4)
+    store.close()
+
+
+def _second_batch_killed_at_write(path, k) -> int:
+    """The second batch in a forked process that SIGKILLs itself at the k-th write of the change
+    (no k: not killed); its exit status as subprocess gives it."""
+    import os
+
+    from transexplain.results.journal import KILL_ENV
+
+    pid = os.fork()
+    if pid == 0:  # the child: no torch work, only h5py and numpy
+        code = 1
+        try:
+            if k is not None:
+                os.environ[KILL_ENV] = str(k)
+            _second_batch(path)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _first_batch(path):
+    store = ResultStore(path, CONFIG, environment={"host": "test"})
+    store.write_batch({"a/pos": {"x": np.array([0.5, 1.5]), "name": np.array(["a", "b"])},
+                       "clean": {"label": np.array([1, 2])}}, position=2)
+    store.close()
+
+
+def test_a_kill_at_every_write_of_a_batch_leaves_the_file_of_the_last_batch_byte_for_byte(tmp_path):
+    """SIGKILL after the k-th write HDF5 makes while it adds a batch (a new group, datasets grown, the
+    commit), for every k: the journal gives back the exact bytes of the file after the first batch,
+    and a resumed writer then ends with the file of an uninterrupted run. Before the journal a kill
+    here could leave HDF5 metadata half rewritten (CI: "bad heap index" on the resumed rank)."""
+    import shutil
+
+    from transexplain.results.journal import journal_path, recover
+
+    base = tmp_path / "base.h5"
+    _first_batch(base)
+    before = base.read_bytes()
+    whole = tmp_path / "whole.h5"
+    shutil.copy(base, whole)
+    assert _second_batch_killed_at_write(whole, None) == 0
+    assert not journal_path(whole).exists()
+
+    path, k = tmp_path / "r.h5", 0
+    while True:
+        k += 1
+        shutil.copy(base, path)
+        rc = _second_batch_killed_at_write(path, k)
+        if rc == 0:  # the change has fewer than k writes: every place has been tried
+            break
+        assert rc == -signal.SIGKILL
+        assert journal_path(path).exists()
+        assert recover(path) and not journal_path(path).exists()
+        assert path.read_bytes() == before, f"kill at write {k}"
+        _second_batch(path)  # and a resumed run ends as the uninterrupted one
+        _same_groups(path, whole)
+    assert k > 5, f"only {k - 1} writes in a batch: the test does not reach HDF5's metadata"
+
+
+def _same_groups(path_a, path_b):
+    a, b = ResultStore(path_a), ResultStore(path_b)
+    assert a.position == b.position == 4
+    for group, names in {"a/pos": ["x", "name"], "b": ["y"], "clean": ["label"]}.items():
+        for name in names:
+            assert np.array_equal(a.read(group, name), b.read(group, name)), (group, name)
+
+
+def test_a_reader_undoes_the_change_of_a_killed_writer_and_a_writer_resumes(tmp_path):
+    from transexplain.results.journal import journal_path
+
+    path = tmp_path / "r.h5"
+    _first_batch(path)
+    assert _second_batch_killed_at_write(path, 3) == -signal.SIGKILL and journal_path(path).exists()
+    reader = ResultStore(path)  # no writer alive: the reader puts the file back
+    assert not journal_path(path).exists()
+    assert reader.position == 2 and reader.read("a/pos", "x").tolist() == [0.5, 1.5] and reader.done("b") == 0
+
+
+def test_an_error_inside_a_change_undoes_it_and_a_journal_of_another_file_is_ignored(tmp_path):
+    from transexplain.results.journal import journal_path
+
+    path = tmp_path / "r.h5"
+    _first_batch(path)
+    before = path.read_bytes()
+    store = ResultStore(path, CONFIG, environment={"host": "test"})
+    with pytest.raises(ValueError, match="do not fit"):  # the first group is written, then the second fails
+        store.write_batch({"new": {"z": np.arange(5.0)}, "a/pos": {"x": np.zeros((2, 3))}}, position=4)
+    assert path.read_bytes() == before and not journal_path(path).exists()
+    store.close()
+    # a journal left by a file this one replaced (another inode) must not touch it
+    other = tmp_path / "other.h5"
+    _first_batch(other)
+    stale = ResultStore(other, CONFIG, environment={"host": "test"})
+    stale.close()
+    from transexplain.results.journal import JournaledFile
+
+    change = JournaledFile(other)  # a change of `other`, cut short: its journal names other's inode
+    change.write(b"\0" * 64)
+    change.close()
+    journal_path(other).rename(journal_path(path))
+    assert ResultStore(path, CONFIG, environment={"host": "test"}).position == 2
+    assert path.read_bytes() == before and not journal_path(path).exists()

@@ -7,16 +7,20 @@ Layout of a file::
     /<group>/              attrs: rows (int, committed row count), summary (JSON str, optional)
     /<group>/<name>        dataset, first axis = one row per example, resizable
 
-How a crash is survived: rows are appended with `write_batch`, which opens the file, grows and
-fills every dataset of the batch, flushes, and only then rewrites one root attribute, `commit`
-(JSON: the run's `position` and every group's row count), and flushes again. The file is closed
-between batches, so a run killed while the model computes (nearly all of its time) leaves a
-clean file; a run killed inside a write leaves rows past the last commit, and reopening the file
-rolls every group back to the commit (the next batch writes over them). So a killed run resumes
-after its last complete batch and ends with the numbers of an uninterrupted run. The root
-`complete` attribute is set by `mark_complete()` only, so a crashed run never looks finished. A
-file HDF5 cannot open is reported as damaged with a hint to use `--overwrite`. (`append` is the
-single-group form, committed by the group's own `rows` attribute.)
+How a crash is survived: every change (a batch of rows, a summary, an attribute) is one
+transaction. The writer hands HDF5 a file object that first copies, into the undo journal
+`<out>.journal`, every byte of the file the change is about to overwrite or cut off
+(`journal.JournaledFile`); the change is committed by removing the journal once HDF5 has closed
+the file. A process killed inside a change (SIGKILL, torchrun's SIGTERM to the other ranks, the OOM
+killer) leaves the journal, and the next open (by a writer, or by a reader when no writer is
+alive) writes the old bytes back: the file is, byte for byte, what the last completed change left,
+never HDF5 metadata half rewritten. On top of that, rows go in with `write_batch`, which fills
+every group's datasets and then rewrites one root attribute, `commit` (JSON: the run's `position`
+and every group's row count), so a run resumes after its last complete batch and ends with the
+numbers of an uninterrupted run. The root `complete` attribute is set by `mark_complete()` only,
+so a crashed run never looks finished. A file HDF5 cannot open is reported as damaged with a hint
+to use `--overwrite`. (`append` is the single-group form, committed by the group's own `rows`
+attribute.)
 
 The API is generic (no notion of images or texts) so that every benchmark can use it::
 
@@ -46,6 +50,7 @@ makes the writer fail.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -56,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .journal import JournaledFile, journal_path, recover
 
 FORMAT_VERSION = 1
 #: config keys that describe a run but do not define it: a resume may change them (all values are kept)
@@ -223,6 +229,7 @@ class ResultStore:
         if self.read_only:
             if not self.path.exists():
                 raise UserError(f"No results file at {self.path}: run a benchmark first or check the path.")
+            self._recover_read_only()
             self._check_readable()
             with self._open("r") as f:
                 self.config = json.loads(f.attrs.get("config", "{}"))
@@ -240,11 +247,14 @@ class ResultStore:
             raise
 
     def _open_for_writing(self, overwrite: bool, environment: dict | None):
-        if overwrite and self.path.exists():
-            self.path.unlink()
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            journal_path(self.path).unlink(missing_ok=True)
+        else:
+            recover(self.path)  # a change a kill cut short (we hold the lock: its writer is gone)
         if not self.path.exists():
             self._create()
-            with self._open("a") as f:
+            with self._writing() as f:
                 self._record_session(f, self.config, environment)
             return
         self._check_readable()
@@ -294,21 +304,59 @@ class ResultStore:
     #: how often, and how long apart, an open is tried again (a reader can catch a batch half written)
     OPEN_TRIES, OPEN_WAIT_S = 5, 0.2
 
-    def _open(self, mode: str):
-        """The HDF5 file; reading takes no HDF5 file lock, so a reader never blocks the writer."""
+    def _open(self, mode: str = "r"):
+        """The HDF5 file, for reading; it takes no HDF5 file lock, so a reader never blocks the writer."""
         import h5py
 
+        assert mode == "r", "changes go through _writing()"
         for attempt in range(self.OPEN_TRIES):
             try:
-                if mode == "r":
-                    return h5py.File(self.path, "r", locking=False)
-                return h5py.File(self.path, mode)
+                return h5py.File(self.path, "r", locking=False)
             except FileNotFoundError:
                 break
             except OSError:
                 if attempt + 1 < self.OPEN_TRIES:
                     time.sleep(self.OPEN_WAIT_S)
-        raise UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.")
+        raise self._damaged()
+
+    def _damaged(self) -> UserError:
+        return UserError(f"{self.path} is damaged or not an HDF5 file: use --overwrite to start the run over.")
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """The HDF5 file open for one change, undone as a whole unless it completes (see journal.py):
+        an exception inside rolls it back at once, a kill leaves the journal for the next open."""
+        import h5py
+
+        change = JournaledFile(self.path)
+        try:
+            f = h5py.File(change, "r+")
+        except OSError:
+            change.rollback()
+            raise self._damaged() from None
+        try:
+            yield f
+        except BaseException:
+            try:
+                f.close()
+            finally:
+                change.rollback()
+            raise
+        f.close()
+        change.commit()
+
+    def _recover_read_only(self):
+        """A reader that finds the journal of a killed writer (and no live writer) undoes its cut-short change."""
+        if not journal_path(self.path).exists() or write_lock_holder(self.path) is not None:
+            return
+        try:
+            key = acquire_write_lock(self.path)
+        except UserError:
+            return  # a writer started meanwhile: it recovers the file itself
+        try:
+            recover(self.path)
+        finally:
+            release_write_lock(key)
 
     @staticmethod
     def _differences(old: dict, new: dict) -> str:
@@ -418,7 +466,7 @@ class ResultStore:
         Every array must have the same length. Returns the committed row count afterwards.
         """
         self._writable()
-        with self._open("a") as f:
+        with self._writing() as f:
             self._begin_writing(f)
             n = self._append(f, group, rows)
             if "commit" in f.attrs:  # keep a write_batch commit in step, or a reopen would roll this back
@@ -438,7 +486,7 @@ class ResultStore:
         previous commit in force: reopening the file rolls every group back to it.
         """
         self._writable()
-        with self._open("a") as f:
+        with self._writing() as f:
             self._begin_writing(f)
             commit = json.loads(f.attrs.get("commit", '{"position": 0, "rows": {}}'))
             for group, rows in rows_by_group.items():
@@ -470,7 +518,7 @@ class ResultStore:
 
             f.visititems(visit)
         if stale:
-            with self._open("a") as f:
+            with self._writing() as f:
                 for name in stale:
                     f[name].attrs["rows"] = committed.get(name, 0)
                 f.flush()
@@ -518,7 +566,7 @@ class ResultStore:
     # ------------------------------------------------------------------ summaries and completion
     def set_summary(self, group: str, summary: dict):
         """Store a JSON-serialisable dict of summary numbers (curves as lists) on `group`."""
-        with self._open("a") as f:
+        with self._writing() as f:
             g = f.require_group(group)
             g.attrs["summary"] = canonical_json(summary)
             f.flush()
@@ -532,7 +580,7 @@ class ResultStore:
 
     def set_attr(self, name: str, value):
         """Set one extra root attribute (a str, number or bool)."""
-        with self._open("a") as f:
+        with self._writing() as f:
             f.attrs[name] = value
             f.flush()
 
