@@ -275,12 +275,15 @@ def test_rows_per_pass_bound_the_passes_and_not_the_map(vit, method, monkeypatch
     """`internal_batch_size` (explicit, or "auto": the budget over the graph bytes per row) caps the
     rows of every forward Captum runs -- below the batch too, the samples then go in groups -- and
     never changes the map."""
+    import transexplain.api
     from transexplain.errors import UserError
     from transexplain.explainers import captum_methods as cm
+    from transexplain.explainers import memory
     from transexplain.models.vit import ViTAdapter
 
     x = images(5)
     whole = explain(vit, x, method=method, internal_batch_size=1000).token_map  # every row in one pass
+    monkeypatch.setattr(transexplain.api, "rows_per_call", lambda adapter, x: len(x))  # one explainer call
     widths = []
     run = ViTAdapter.run
     monkeypatch.setattr(ViTAdapter, "run", lambda self, inp, *a, **k: widths.append(len(inp)) or run(self, inp, *a, **k))
@@ -297,7 +300,7 @@ def test_rows_per_pass_bound_the_passes_and_not_the_map(vit, method, monkeypatch
     per_row = 12345  # "auto": rows = budget // bytes per row (the probe itself: the next test)
     monkeypatch.setattr(cm, "graph_bytes_per_row", lambda wrapped: per_row)
     for budget_rows in (1, 2, 4):
-        monkeypatch.setattr(cm, "CPU_GRAPH_BUDGET", budget_rows * per_row + per_row // 2)
+        monkeypatch.setattr(memory, "CPU_GRAPH_BUDGET", budget_rows * per_row + per_row // 2)
         widths.clear()
         got = explain(vit, x, method=method).token_map
         assert (got - whole).abs().max().item() < 1e-12
@@ -319,14 +322,22 @@ def test_graph_bytes_per_row_counts_the_rows_not_the_weights(vit):
     of the linear layers, which their backward keeps; a hand count of the attention probabilities alone
     (heads x N x N per block, float64, kept for A·V's backward) is a lower bound."""
     from transexplain.explainers import captum_methods as cm
+    from transexplain.explainers import memory
     from transexplain.models import as_adapter
 
-    wrapped = cm._CaptumInput(as_adapter(vit), images(3))
-    cm._ROW_BYTES.clear()
+    adapter = as_adapter(vit)
+    wrapped = cm._CaptumInput(adapter, images(3))
+    memory._ROW_BYTES.clear()
     per_row = cm.graph_bytes_per_row(wrapped)
-    assert abs((cm._saved_bytes(wrapped, 3) - cm._saved_bytes(wrapped, 1)) / (2 * per_row) - 1) < 0.05
+
+    def saved(rows):  # rows copies of the first image through the model
+        first = images(1)
+        return memory.saved_bytes(lambda inp: adapter.run(inp).logits,
+                                  lambda r: first.expand(r, *first.shape[1:]).clone().requires_grad_(True), rows)
+
+    assert abs((saved(3) - saved(1)) / (2 * per_row) - 1) < 0.05
     linear_weights = sum(m.weight.numel() * 8 for m in vit.modules() if isinstance(m, torch.nn.Linear))
-    assert cm._saved_bytes(wrapped, 1) - per_row >= linear_weights
+    assert saved(1) - per_row >= linear_weights
     blocks, heads = len(vit.blocks), vit.blocks[0].attn.num_heads
     n = 1 + (16 // vit.patch_embed.patch_size[0]) ** 2
     assert per_row >= blocks * heads * n * n * 8

@@ -95,3 +95,52 @@ def test_a_target_predicted_under_inference_mode_is_accepted(model, batch, metho
         target = model(batch[:2]).argmax(-1)
     res = transexplain.explain(model, batch[:2], method, target=target)
     assert torch.equal(res.target, target.clone())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_over_the_memory_budget_is_explained_in_calls_with_the_same_maps(model, batch, method, monkeypatch):
+    """`api.explain` splits a batch into calls of as many rows as the graph budget allows (here 2 of
+    5): every call gets at most that many rows, the targets follow their rows, and the maps, logits
+    and classes are those of one call."""
+    from transexplain.explainers import memory
+
+    targets = [0, 3, 1, 4, 2]
+    whole = transexplain.explain(model, batch[:5], method, target=targets)
+    seen = []
+    monkeypatch.setattr(memory, "rows_within_budget", lambda per_row, device: seen.append(per_row) or 2)
+    cls = get_method(method)
+    scores = cls.scores
+    widths = []
+    monkeypatch.setattr(cls, "scores", lambda self, adapter, x, target: widths.append(len(x)) or scores(self, adapter, x, target))
+    split = transexplain.explain(model, batch[:5], method, target=targets)
+    assert widths == [2, 2, 1] and seen and seen[0] > 1
+    assert split.target.tolist() == targets
+    scale = whole.token_map.abs().max().item()
+    torch.testing.assert_close(split.token_map, whole.token_map, rtol=1e-10, atol=1e-10 * scale)
+    torch.testing.assert_close(split.logits, whole.logits, rtol=1e-12, atol=1e-12)
+    predicted = transexplain.explain(model, batch[:5], method)  # the predicted class, chosen per call
+    assert predicted.target.tolist() == whole.logits.argmax(-1).tolist()
+
+
+def test_rows_per_call_keeps_the_forward_graph_under_the_budget(model, batch, monkeypatch):
+    """The rows of a call times the measured bytes a row adds to the forward's saved tensors stay under
+    the budget, and one more row would not: measured against the saved bytes of that many rows."""
+    from transexplain.api import rows_per_call
+    from transexplain.explainers import memory
+    from transexplain.precision import adapter_at
+
+    adapter = adapter_at(model, "float64")
+    memory._ROW_BYTES.clear()
+    monkeypatch.setattr(memory, "CPU_GRAPH_BUDGET", 1)
+    assert rows_per_call(adapter, batch) == 1  # never below one row
+    first = batch[:1]
+
+    def saved(rows):
+        return memory.saved_bytes(lambda x: adapter.run(x).logits,
+                                  lambda r: first.expand(r, *first.shape[1:]).clone().requires_grad_(True), rows)
+
+    per_row = saved(2) - saved(1)
+    monkeypatch.setattr(memory, "CPU_GRAPH_BUDGET", 3 * per_row + per_row // 2)
+    assert rows_per_call(adapter, batch) == 3
+    assert saved(4) - saved(1) <= memory.CPU_GRAPH_BUDGET < saved(5) - saved(1)
+    assert rows_per_call(adapter, batch[:1]) == 1

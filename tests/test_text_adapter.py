@@ -166,3 +166,36 @@ def test_distilbert_records_its_own_logits_and_runs_every_method():
     for method in METHODS:
         out = explain(adapter, {"input_ids": ids, "attention_mask": mask}, method=method)
         assert torch.isfinite(out.heatmap).all(), method
+
+
+@pytest.mark.parametrize("method", ["rollout", "transformer_attribution", "attnlrp", "integrated_gradients", "bt_h", "random"])
+def test_a_text_batch_over_the_memory_budget_is_explained_in_calls_with_the_same_maps(method, monkeypatch):
+    """Text batches split like images (`api.explain` in calls of 2 rows here): the padded length is
+    kept, every sample's word ids go with it, and the token maps equal one call's."""
+    from transexplain.explainers import get_method, memory
+
+    model = tiny_bert()
+    ids, mask = padded_batch()
+    ids, mask = torch.cat([ids, ids.flip(0)[:2]]), torch.cat([mask, mask.flip(0)[:2]])  # 5 texts, 3 lengths
+    batch = {"input_ids": ids, "attention_mask": mask}
+    whole = explain(model, batch, method=method, target=1)
+    monkeypatch.setattr(memory, "rows_within_budget", lambda per_row, device: 2)
+    cls = get_method(method)
+    scores = cls.scores
+    widths = []
+    monkeypatch.setattr(cls, "scores", lambda self, adapter, x, target: widths.append(x.shape) or scores(self, adapter, x, target))
+    split = explain(model, batch, method=method, target=1)
+    assert widths == [(2, 9), (2, 9), (1, 9)]
+    scale = whole.token_map.abs().max().item()
+    torch.testing.assert_close(split.token_map, whole.token_map, rtol=1e-10, atol=1e-10 * scale)
+    assert split.target.tolist() == [1] * 5
+
+
+def test_a_text_batch_slices_and_repeats_with_its_word_ids():
+    batch = TextBatch(torch.arange(12).reshape(3, 4), torch.ones(3, 4, dtype=torch.long), None,
+                      torch.zeros(3, 4, dtype=torch.long), [[0, 1, 2, None], [0, 0, 1, None], [0, 1, 1, 2]])
+    part = batch[1:3]
+    assert part.input_ids.tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]] and part.token_type_ids is None
+    assert part.word_ids == [[0, 0, 1, None], [0, 1, 1, 2]] and part.special_mask.shape == (2, 4)
+    twice = batch[:1].repeat(2)
+    assert twice.input_ids.tolist() == [[0, 1, 2, 3]] * 2 and twice.word_ids == [[0, 1, 2, None]] * 2

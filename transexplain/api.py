@@ -55,19 +55,68 @@ def explain(model, images, method: str = "transformer_attribution", target=None,
         # a frozen model (no parameter requires grad) must still give the gradient methods a graph
         x = x.detach().requires_grad_(True)
     with computing(precision):
-        scores, logits, chosen = explainer.scores(adapter, x, target)
+        scores, logits, chosen = _scores_in_calls(explainer, adapter, x, target)
     # attention-only methods hand back the target as given (None, an int, a list): settle it here
     chosen = select_target(logits, chosen if torch.is_tensor(chosen) else target)
     scores = torch.nan_to_num(scores.detach(), nan=0.0, posinf=0.0, neginf=0.0)
     if explainer.pixel_level:
         token_map = scores
     else:
-        token_map = adapter.to_token_map(scores)
+        token_map = adapter.to_token_map(scores, batch=x)  # padding from x, not from the adapter's last run
     if hasattr(adapter, "heatmap_from_tokens"):
-        heatmap = adapter.heatmap_from_tokens(token_map)
+        heatmap = adapter.heatmap_from_tokens(token_map, batch=x)
     else:
         heatmap = normalise_per_sample(upsample(token_map, tuple(x.shape[-2:])))
     return Explanation(
         token_map=token_map, heatmap=heatmap, target=chosen.detach(), logits=logits.detach(),
         method=explainer.name, extras={"scores": scores},
     )
+
+
+def rows_per_call(adapter, x) -> int:
+    """How many rows of `x` one explainer call takes: as many as keep the forward's saved tensors
+    under the device's graph budget (`explainers.memory`: 1 GiB on a CPU, a quarter of a GPU),
+    measured per row once per model and input shape. A method's graph is a small multiple of its
+    forward's (docs/methods.md), so its memory no longer grows with the batch beyond that."""
+    from .explainers import memory
+
+    n = len(x)
+    if n <= 1:
+        return n
+    model = getattr(adapter, "model", adapter)
+
+    def rows_input(rows):
+        first = x[:1]
+        if torch.is_tensor(first):
+            first = first.detach()
+            return first.expand(rows, *first.shape[1:]).clone().requires_grad_(first.is_floating_point())
+        return first.repeat(rows)
+
+    key = ("explain", id(model), tuple(x.shape[1:]), str(getattr(adapter, "dtype", None)), str(adapter.device))
+    per_row = memory.graph_bytes_per_row(key, lambda inp: adapter.run(inp).logits, rows_input)
+    return memory.rows_within_budget(per_row, adapter.device)
+
+
+def _scores_in_calls(explainer, adapter, x, target):
+    """`explainer.scores` on the batch in calls of `rows_per_call` rows, put back together. Every
+    method is batch-invariant (tests/test_properties.py), so the maps are those of one call."""
+    n = len(x) if torch.is_tensor(x) or hasattr(x, "repeat") else 0
+    rows = rows_per_call(adapter, x) if n > 1 else n
+    if rows >= n:
+        return explainer.scores(adapter, x, target)
+    per_row_target = None
+    if target is not None:
+        t = torch.as_tensor(target).long().reshape(-1)
+        if t.numel() not in (1, n):
+            raise UserError(f"Got {t.numel()} targets for {n} images: give one target, or one per image.")
+        per_row_target = t if t.numel() == n else None
+    parts = []
+    for start in range(0, n, rows):
+        part = slice(start, start + rows)
+        t = target if target is None or per_row_target is None else per_row_target[part]
+        parts.append(explainer.scores(adapter, x[part], t))
+    scores = torch.cat([p[0] for p in parts])
+    logits = torch.cat([p[1] for p in parts])
+    chosen = [p[2] for p in parts]
+    chosen = torch.cat([c.reshape(-1) for c in chosen]) if all(torch.is_tensor(c) for c in chosen) else target
+    return scores, logits, chosen

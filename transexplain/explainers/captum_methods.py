@@ -29,6 +29,7 @@ import contextlib
 import torch
 
 from ..errors import UserError
+from . import memory
 from .base import Explainer, content_seed, register, select_target
 
 #: IG's quadrature: Captum's default, Gauss-Legendre nodes and weights from numpy in float64. Captum
@@ -100,56 +101,29 @@ def _target_and_logits(adapter, x, target):
     return select_target(logits, target), logits.detach()
 
 
-#: "auto" rows per pass: one pass's autograd graph (the tensors it saves for the backward that grow
-#: with the rows) is kept under this many bytes on a CPU; on a GPU under a quarter of its memory
-CPU_GRAPH_BUDGET = 1 << 30
-_ROW_BYTES: dict = {}  # (model, row shape, dtype, device, backward rules) -> graph bytes per row
-
-
-def _saved_bytes(wrapped, rows: int) -> int:
-    """Bytes of the distinct storages a forward of `rows` copies of the first row saves for its backward."""
-    storages = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        storages[(st.data_ptr(), t.device)] = st.nbytes()
-        return t
-
-    first = wrapped.inputs[:1].detach()
-    x = first.expand(rows, *first.shape[1:]).clone().requires_grad_(True)
-    args = () if wrapped.args is None else tuple(a[:1].expand(rows, *a.shape[1:]) for a in wrapped.args)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = wrapped._forward(x, *args)
-    del out
-    return sum(storages.values())
-
-
 def graph_bytes_per_row(wrapped) -> int:
-    """What one more input row adds to a gradient pass's saved tensors: the forward of 2 rows minus
-    that of 1, measured once per (model, row shape, dtype, device, backward rules). The difference
-    leaves out what every pass shares (the weights the linear layers save)."""
-    from ..lrp.core import active_rules
-
+    """What one more input row adds to a gradient pass's saved tensors (`memory.graph_bytes_per_row`),
+    for Captum's forward from `wrapped.inputs` (pixels, or the embedding output of text)."""
     inputs = wrapped.inputs
     model = getattr(wrapped.adapter, "model", wrapped.adapter)
-    key = (id(model), tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device), repr(active_rules()))
-    if key not in _ROW_BYTES:
-        if len(_ROW_BYTES) > 256:
-            _ROW_BYTES.clear()
-        _ROW_BYTES[key] = max(_saved_bytes(wrapped, 2) - _saved_bytes(wrapped, 1), 1)
-    return _ROW_BYTES[key]
+
+    def rows_input(rows):
+        first = inputs[:1].detach()
+        x = first.expand(rows, *first.shape[1:]).clone().requires_grad_(True)
+        args = () if wrapped.args is None else tuple(a[:1].expand(rows, *a.shape[1:]) for a in wrapped.args)
+        return x, args
+
+    key = ("captum", id(model), tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device))
+    return memory.graph_bytes_per_row(key, lambda xa: wrapped._forward(xa[0], *xa[1]), rows_input)
 
 
 def rows_per_pass(options, wrapped) -> int:
     """The `internal_batch_size` option as rows per gradient pass: a positive integer as given, or
-    "auto": as many rows as keep one pass's graph under `CPU_GRAPH_BUDGET` (CPU) or a quarter of the
-    GPU's memory (`graph_bytes_per_row`). Memory only: every row's map is computed alone."""
+    "auto": as many rows as keep one pass's graph under the device's budget (`memory`: 1 GiB on a
+    CPU, a quarter of a GPU's memory). Memory only: every row's map is computed alone."""
     size = options["internal_batch_size"]  # checked when the method was set up (`check_rows_option`)
     if size == "auto":
-        device = wrapped.inputs.device
-        budget = (torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda"
-                  else CPU_GRAPH_BUDGET)
-        return max(1, budget // graph_bytes_per_row(wrapped))
+        return memory.rows_within_budget(graph_bytes_per_row(wrapped), wrapped.inputs.device)
     return int(size)
 
 

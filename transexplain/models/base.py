@@ -100,8 +100,9 @@ class EncoderAdapter:
         """v ← v · M for block `block`; `mats` has the block's attention layout without the head dim."""
         raise NotImplementedError
 
-    def to_token_map(self, v: torch.Tensor) -> torch.Tensor:
-        """Scores of the content tokens on their grid, (B, grid_h, grid_w)."""
+    def to_token_map(self, v: torch.Tensor, batch=None) -> torch.Tensor:
+        """Scores of the content tokens on their grid, (B, grid_h, grid_w); `batch`: the input they
+        explain (text adapters read its padding from it)."""
         raise NotImplementedError
 
     def identity_like(self, mats: torch.Tensor) -> torch.Tensor:

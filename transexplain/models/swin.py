@@ -310,6 +310,6 @@ class SwinAdapter(EncoderAdapter):
     def content_mean(self, row):
         return row.mean(-1)
 
-    def to_token_map(self, v):
+    def to_token_map(self, v, batch=None):
         v = self.to_grid(v, 0)
         return v.reshape(v.shape[0], *self.stage_res[0])

@@ -59,6 +59,25 @@ class TextBatch:
     def __len__(self):
         return self.input_ids.shape[0]
 
+    def __getitem__(self, rows):
+        """The samples `rows` (a slice), with the batch's padded length kept."""
+        if not isinstance(rows, slice):
+            raise TypeError("a TextBatch is indexed by a slice of samples")
+
+        def take(t):
+            return None if t is None else t[rows]
+
+        return TextBatch(self.input_ids[rows], self.attention_mask[rows], take(self.token_type_ids),
+                         take(self.special_mask), None if self.word_ids is None else self.word_ids[rows])
+
+    def repeat(self, times: int):
+        """The batch `times` times over, sample after sample (a probe of what one more row costs)."""
+        def rep(t):
+            return None if t is None else t.repeat(times, *([1] * (t.dim() - 1)))
+
+        return TextBatch(rep(self.input_ids), rep(self.attention_mask), rep(self.token_type_ids),
+                         rep(self.special_mask), None if self.word_ids is None else list(self.word_ids) * times)
+
     def __iter__(self):
         """One tensor per sample: its unpadded token ids (seeds the random baseline per sample)."""
         for ids, m in zip(self.input_ids, self.attention_mask):
@@ -335,7 +354,9 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         return tape.linear(z, head.out_proj)
 
     # -- token-space operators ------------------------------------------------------------------
-    def _valid(self, like: torch.Tensor) -> torch.Tensor:
+    def _valid(self, like: torch.Tensor, batch=None) -> torch.Tensor:
+        if batch is not None and batch.attention_mask.shape == like.shape[:2]:
+            return batch.attention_mask.to(like.dtype)
         if self._mask is None or self._mask.shape != like.shape[:2]:
             return torch.ones(like.shape[:2], dtype=like.dtype, device=like.device)
         return self._mask.to(like.dtype)
@@ -351,13 +372,14 @@ class TextAdapter(ClassTokenReadout, EncoderAdapter):
         pair = m[:, :, None] * m[:, None, :]
         return (grad_h * pair).sum((-2, -1)) / pair.sum((-2, -1)).clamp(min=1)
 
-    def to_token_map(self, v):
-        """(B, N) token scores over all tokens (CLS row), padding set to zero."""
-        return v * self._valid(v)
+    def to_token_map(self, v, batch=None):
+        """(B, N) token scores over all tokens (CLS row), padding set to zero: the padding of `batch`
+        when given (api.explain gives it), else of the adapter's last run."""
+        return v * self._valid(v, batch)
 
-    def heatmap_from_tokens(self, token_map):
+    def heatmap_from_tokens(self, token_map, batch=None):
         """Per-sample min-max normalised token scores over the valid tokens; padding stays 0."""
-        valid = self._valid(token_map).bool()
+        valid = self._valid(token_map, batch).bool()
         big = torch.finfo(token_map.dtype).max
         lo = torch.where(valid, token_map, torch.full_like(token_map, big)).amin(1, keepdim=True)
         hi = torch.where(valid, token_map, torch.full_like(token_map, -big)).amax(1, keepdim=True)

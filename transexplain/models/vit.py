@@ -241,5 +241,5 @@ class ViTAdapter(ClassTokenReadout, EncoderAdapter):
     def content_mean(self, row):
         return row[:, self.prefix:].mean(-1)
 
-    def to_token_map(self, v):
+    def to_token_map(self, v, batch=None):
         return v[:, self.prefix:].reshape(v.shape[0], *self.grid)
