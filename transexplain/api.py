@@ -114,7 +114,9 @@ def _scores_in_calls(explainer, adapter, x, target):
     for start in range(0, n, rows):
         part = slice(start, start + rows)
         t = target if target is None or per_row_target is None else per_row_target[part]
-        parts.append(explainer.scores(adapter, x[part], t))
+        scores, logits, chosen = explainer.scores(adapter, x[part], t)
+        # detached at once: a call's logits (or scores) can hold its whole autograd graph
+        parts.append((scores.detach(), logits.detach(), chosen.detach() if torch.is_tensor(chosen) else chosen))
     scores = torch.cat([p[0] for p in parts])
     logits = torch.cat([p[1] for p in parts])
     chosen = [p[2] for p in parts]
