@@ -85,15 +85,9 @@ def rows_per_call(adapter, x) -> int:
         return n
     model = getattr(adapter, "model", adapter)
 
-    def rows_input(rows):
-        first = x[:1]
-        if torch.is_tensor(first):
-            first = first.detach()
-            return first.expand(rows, *first.shape[1:]).clone().requires_grad_(first.is_floating_point())
-        return first.repeat(rows)
-
     key = ("explain", id(model), tuple(x.shape[1:]), str(getattr(adapter, "dtype", None)), str(adapter.device))
-    per_row = memory.graph_bytes_per_row(key, lambda inp: adapter.run(inp).logits, rows_input)
+    per_row = memory.graph_bytes_per_row(key, lambda inp: adapter.run(inp).logits,
+                                         lambda rows: memory.repeat_first_row(x, rows))
     return memory.rows_within_budget(per_row, adapter.device)
 
 

@@ -107,11 +107,9 @@ def graph_bytes_per_row(wrapped) -> int:
     inputs = wrapped.inputs
     model = getattr(wrapped.adapter, "model", wrapped.adapter)
 
-    def rows_input(rows):
-        first = inputs[:1].detach()
-        x = first.expand(rows, *first.shape[1:]).clone().requires_grad_(True)
-        args = () if wrapped.args is None else tuple(a[:1].expand(rows, *a.shape[1:]) for a in wrapped.args)
-        return x, args
+    def rows_input(rows):  # the inputs a fresh leaf (floating: requires grad), the extra arguments views
+        args = () if wrapped.args is None else memory.repeat_first_row(wrapped.args, rows, leaf=False)
+        return memory.repeat_first_row(inputs, rows), args
 
     key = ("captum", id(model), tuple(inputs.shape[1:]), inputs.dtype, str(inputs.device))
     return memory.graph_bytes_per_row(key, lambda xa: wrapped._forward(xa[0], *xa[1]), rows_input)

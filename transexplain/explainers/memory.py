@@ -21,6 +21,34 @@ def graph_budget(device) -> int:
     return CPU_GRAPH_BUDGET
 
 
+def repeat_first_row(value, rows: int, *, leaf: bool = True):
+    """`value`'s first row `rows` times over: the input of a probe of what one more row costs
+    (`saved_bytes`'s `rows_input`). By kind of `value`:
+
+    - a tensor of one or more dims: its row 0 expanded to `rows` rows. With `leaf` (the input a
+      backward starts from) a fresh tensor, detached from `value`'s graph, with its own storage,
+      requiring grad when floating; without it a view of `value` (as the extra forward arguments
+      Captum repeats along with its inputs were probed);
+    - a batch that is no tensor but has `.repeat(n)` and slicing (a `TextBatch`): `value[:1].repeat(rows)`;
+    - a tuple or a list: each item so, in a tuple or a list again;
+    - anything else (None, a number, a 0-dim tensor: no batch to repeat): `value` itself, as
+      Captum passes such extra forward arguments as they are.
+    """
+    if torch.is_tensor(value):
+        if value.dim() == 0:
+            return value
+        if not leaf:
+            return value[:1].expand(rows, *value.shape[1:])
+        first = value[:1].detach()
+        return first.expand(rows, *first.shape[1:]).clone().requires_grad_(first.is_floating_point())
+    if isinstance(value, (tuple, list)):
+        items = [repeat_first_row(v, rows, leaf=leaf) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple too
+    if hasattr(value, "repeat") and hasattr(value, "__getitem__"):
+        return value[:1].repeat(rows)
+    return value
+
+
 def saved_bytes(forward, rows_input, rows: int) -> int:
     """Bytes of the distinct storages `forward(rows_input(rows))` saves for its backward
     (`rows_input(r)`: r copies of one input row)."""
