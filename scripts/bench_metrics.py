@@ -20,7 +20,7 @@ For ROAD, extra rows time the imputation alone (`road_inputs`) with each solver.
 
     .venv/bin/python scripts/bench_metrics.py [--model embedded] [--random-weights] [--method rollout]
         [--metrics all] [--batch-size 8] [--repeats 3] [--device cpu] [--precision float64] [--threads N]
-        [--clock wall|cpu]
+        [--clock wall|cpu] [--road-solver auto|block|mg|cg|scipy]
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-suite", action="store_true", help="skip the all-metrics-together row")
     parser.add_argument("--suite-only", action="store_true", help="only the all-metrics-together row")
+    parser.add_argument("--road-solver", default="auto", choices=("auto", "block", "mg", "cg", "scipy"),
+                        help="the imputation solver ROAD's metrics use (auto: road.auto_method's choice)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (all its threads; steadier on a shared CPU)")
     args = parser.parse_args()
@@ -104,6 +106,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.road_solver != "auto":
+        from transexplain.evaluation.metrics import road
+
+        road.auto_method = lambda _x, solver=args.road_solver: solver
 
     loaded = load_model(args.model, random_weights=args.random_weights)
     device = args.device
@@ -179,7 +185,7 @@ def main():
     if road_ms:  # the imputation alone (ROAD's overhead over its forwards), each solver, in the same repetitions
         from transexplain.evaluation.metrics import road
 
-        for solver in ("block", "scipy"):
+        for solver in ("block", "mg", "scipy"):
             def impute(solver=solver):
                 road.road_inputs(x, clean_maps.to(torch.float64), opts["road_fractions"], road_ms[0] == "road_morf",
                                  opts["road_noise"], noise_for(road_ms[0]), method=solver)
@@ -208,8 +214,7 @@ def main():
     for i, (ms, _, base, fwd, expl) in enumerate(jobs):
         name = ms[0] if len(ms) == 1 else f"suite ({len(ms)} metrics)"
         if "imputation only" in name:
-            auto = "block" if device != "cpu" or x.shape[-1] <= road.AUTO_BLOCK_WIDTH else "scipy"
-            chosen = " (auto's choice)" if name.endswith(auto) else ""
+            chosen = " (the metrics' solver)" if name.endswith(road.auto_method(x)) else ""
             print(f"| ({name}{chosen}) | 0 | {1000 * statistics.median(times[i][0]) / b:.2f} | — | — |")
             continue
         t = 1000 * statistics.median(times[i][0]) / b

@@ -37,6 +37,8 @@ from ._common import noise as draw_noise
 #: one thread, SciPy in symmetric mode: block 1.17 vs SciPy 1.36 ms per imputation at 32 x 32,
 #: 2.11 vs 1.74 at 40 x 40, 8.4 vs 4.3 at 64 x 64)
 AUTO_BLOCK_WIDTH = 32
+#: the solver "auto" takes on a GPU
+GPU_METHOD = "block"
 #: the removal fractions of ROAD (the paper's 10 %..90 %)
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: (row offset, column offset) -> weight of the 8 neighbours in the imputation
@@ -59,7 +61,7 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     the same system and differ by rounding (~1e-14).
     """
     if method == "auto":
-        method = "block" if x.device.type != "cpu" or x.shape[-1] <= AUTO_BLOCK_WIDTH else "scipy"
+        method = auto_method(x)
     removed = removed.to(torch.bool)
     if method == "block":
         u = block_solve(x, removed)
@@ -84,6 +86,14 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
         eps = draw_noise(u.shape, generator).to(u)
         u = u + noise * eps * removed.unsqueeze(1).to(u)
     return torch.where(removed.unsqueeze(1), u, x)
+
+
+def auto_method(x: torch.Tensor) -> str:
+    """The solver "auto" picks for images x: `GPU_METHOD` on a GPU; on the CPU "block" up to
+    `AUTO_BLOCK_WIDTH` pixels wide, "scipy" above."""
+    if x.device.type != "cpu":
+        return GPU_METHOD
+    return "block" if x.shape[-1] <= AUTO_BLOCK_WIDTH else "scipy"
 
 
 def _neighbour_sums(h: int, w: int, dtype, device) -> torch.Tensor:
@@ -200,14 +210,16 @@ _OFFSETS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
 
 
 def _stencil_product(coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(S, 9, H, W) coefficients, (S, C, H, W) -> (S, C, H, W): sum_k coef_k(i) u(i + offset_k), 0 outside."""
-    h, w = u.shape[-2:]
+    """(S, 9, H, W) coefficients, (S, C, H, W) -> (S, C, H, W): sum_k coef_k(i) u(i + offset_k), 0 outside.
+
+    The 9 shifted copies of u are one strided view of u padded by a pixel (no copy), so the product is
+    a few kernels whatever the grid (the coarse levels of `_Multigrid` are bound by launches on a GPU).
+    """
+    s, c, h, w = u.shape
     padded = torch.nn.functional.pad(u, (1, 1, 1, 1))
-    out = coef[:, 4:5] * u
-    for k, (dr, dc) in enumerate(_OFFSETS):
-        if k != 4:
-            out = out + coef[:, k:k + 1] * padded[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
-    return out
+    st = padded.stride()
+    shifted = padded.as_strided((s, c, 3, 3, h, w), (st[0], st[1], st[2], st[3], st[2], st[3]))
+    return (coef.view(s, 1, 3, 3, h, w) * shifted).sum((2, 3))
 
 
 def _coarsen(coef: torch.Tensor) -> torch.Tensor:
@@ -232,12 +244,13 @@ def _restrict(r: torch.Tensor) -> torch.Tensor:
     """P^T r: the sum over each 2 x 2 cell (odd sides padded with 0)."""
     h, w = r.shape[-2:]
     r = torch.nn.functional.pad(r, (0, w % 2, 0, h % 2))
-    return r[..., 0::2, 0::2] + r[..., 0::2, 1::2] + r[..., 1::2, 0::2] + r[..., 1::2, 1::2]
+    return r.unflatten(-1, (-1, 2)).unflatten(-3, (-1, 2)).sum((-3, -1))
 
 
 def _prolong(e: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """P e: each cell's value copied to its 2 x 2 pixels, cut to H x W."""
-    return e.repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w]
+    hc, wc = e.shape[-2:]
+    return e[..., :, None, :, None].expand(*e.shape[:-2], hc, 2, wc, 2).reshape(*e.shape[:-2], 2 * hc, 2 * wc)[..., :h, :w]
 
 
 class _Multigrid:
@@ -245,7 +258,7 @@ class _Multigrid:
 
     Levels: the fine operator (`_fine_product`), then Galerkin operators of 2 x 2 aggregates
     (`_coarsen`, unsmoothed aggregation) down to at most `COARSEST` cells, where the systems are solved
-    densely (LU factored once). Smoother: one damped Jacobi sweep (weight `OMEGA`) before and one after
+    densely (their inverses, formed once). Smoother: one damped Jacobi sweep (weight `OMEGA`) before and one after
     the coarse correction; the correction is scaled by `ALPHA` (piecewise-constant prolongation
     under-corrects smooth errors; a scalar keeps the cycle symmetric) and the `W_LEVELS` finest levels
     visit the next coarser level twice (a W-cycle there, a V-cycle below). Symmetric smoothing, exact
@@ -282,7 +295,7 @@ class _Multigrid:
             dense[:, rows.reshape(-1), (rows + dr * w + dc).reshape(-1)] = \
                 coef[:, k, max(0, -dr):h - max(0, dr), max(0, -dc):w - max(0, dc)].reshape(s, -1)
         dense = dense + torch.diag_embed((coef[:, 4] <= 0).reshape(s, n).to(dtype))
-        self.coarse_lu = torch.linalg.lu_factor(dense)
+        self.coarse_inverse = torch.linalg.inv(dense)  # applied by one batched product per visit
 
     def product(self, u: torch.Tensor, level: int = 0) -> torch.Tensor:
         """The operator of `level` applied to u (S, C, h, w)."""
@@ -293,8 +306,7 @@ class _Multigrid:
     def __call__(self, r: torch.Tensor, level: int = 0) -> torch.Tensor:
         if level == len(self.levels) - 1:  # the coarsest level: its dense solve
             s, c, h, w = r.shape
-            sol = torch.linalg.lu_solve(*self.coarse_lu, r.reshape(s, c, h * w).transpose(1, 2))
-            return sol.transpose(1, 2).reshape(s, c, h, w)
+            return (r.reshape(s, c, h * w) @ self.coarse_inverse.transpose(1, 2)).reshape(s, c, h, w)
         inv = self.levels[level][1]
         h, w = r.shape[-2:]
         u = self.OMEGA * inv * r

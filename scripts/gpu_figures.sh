@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device run (one H100/H200, see the `device` tool): the GPU figures of docs/metrics.md's ROAD and
+# suite cost sections, then the CPU-against-GPU maps of every method (scripts/check_cuda.py) while
+# time is left. Everything printed goes to $OUT/gpu_figures.log too.
+#   bash scripts/gpu_figures.sh            (on the device: python3 there holds PyTorch; carry .whl for captum)
+#   PY=.venv/bin/python QUICK=1 bash scripts/gpu_figures.sh   (a small dry run on a CPU)
+set -u
+OUT=${OUT:-/tmp/gpu_figures}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_figures.log
+PY=${PY:-python3}
+DEV=cuda
+if ls .whl/*.whl >/dev/null 2>&1 && [ -z "${QUICK:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+START=$(date +%s)
+if [ -n "${QUICK:-}" ]; then DEV=cpu; S224=32; S112=24; N=1; R=1; else S224=224; S112=112; N=8; R=3; fi
+step() {  # step SECONDS ARGS...: one script under a time limit, logged
+  local limit=$1; shift
+  echo "== [$(( $(date +%s) - START )) s] $*" | tee -a "$LOG"
+  timeout "$limit" "$PY" "$@" 2>&1 | tee -a "$LOG"
+}
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
+step 120 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg,mg:w1,mg:w0,cg
+step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods mg,block --dtype float32
+step 60 scripts/bench_road_imputer.py --size $S112 --images $N --device $DEV --methods block,mg,mg:w1
+for solver in mg block; do
+  step 90 scripts/bench_metrics.py --device $DEV --metrics road_morf,road_lerf --batch-size $N --repeats $R --road-solver $solver
+done
+[ -z "${QUICK:-}" ] && for prec in float32 float64; do
+  step 120 scripts/bench_metrics.py --device $DEV --model vit_base_patch16_224 --random-weights --precision $prec \
+    --metrics road_morf,road_lerf --batch-size $N --repeats $R --road-solver mg
+done
+step 150 scripts/bench_metrics.py --device $DEV --metrics all --batch-size $N --repeats $R --road-solver mg
+if [ -z "${QUICK:-}" ] && [ $(( $(date +%s) - START )) -lt 260 ]; then
+  step 150 scripts/check_cuda.py --n 4
+fi
+echo "== done in $(( $(date +%s) - START )) s" | tee -a "$LOG"
