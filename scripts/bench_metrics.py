@@ -190,6 +190,13 @@ def main():
                 road.road_inputs(x, clean_maps.to(torch.float64), opts["road_fractions"], road_ms[0] == "road_morf",
                                  opts["road_noise"], noise_for(road_ms[0]), method=solver)
             jobs.append(([f"{road_ms[0]} imputation only, {solver}"], impute, None, 0, 0))
+
+        def draws():  # the float64 CPU noise of those imputations alone (one generator per image)
+            from transexplain.evaluation.metrics._common import noise
+
+            f = len(opts["road_fractions"])
+            noise((b * f, *x.shape[1:]), [g for g in noise_for(road_ms[0]) for _ in range(f)]).to(x)
+        jobs.append(([f"{road_ms[0]} noise draws only"], draws, None, 0, 0))
     for _, metric, base, _, _ in jobs:  # warm-up
         metric()
         if base:
@@ -213,8 +220,8 @@ def main():
     print("|---|---|---|---|---|")
     for i, (ms, _, base, fwd, expl) in enumerate(jobs):
         name = ms[0] if len(ms) == 1 else f"suite ({len(ms)} metrics)"
-        if "imputation only" in name:
-            chosen = " (the metrics' solver)" if name.endswith(road.auto_method(x)) else ""
+        if "imputation only" in name or "draws only" in name:
+            chosen = " (the metrics' solver)" if "imputation" in name and name.endswith(road.auto_method(x)) else ""
             print(f"| ({name}{chosen}) | 0 | {1000 * statistics.median(times[i][0]) / b:.2f} | — | — |")
             continue
         t = 1000 * statistics.median(times[i][0]) / b

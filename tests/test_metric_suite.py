@@ -153,6 +153,25 @@ def test_imputation_noise_only_on_removed_pixels():
     assert (out[0, 0][removed[0]] != 0).all()
 
 
+def test_noise_from_generators_drawn_in_threads_equals_a_serial_loop():
+    # one generator per image, shared by its copies (ROAD's fractions) and interleaved: each copy must
+    # get what a plain loop drawing from that generator in batch order gives, whatever the threads
+    from transexplain.evaluation.metrics._common import noise
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for kind, draw in (("randn", torch.randn), ("rand", torch.rand)):
+            def gens():
+                g = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+                return [g[0], g[1], g[0], g[2], g[1], g[0], g[2]]
+            want = torch.stack([draw((3, 4, 5), generator=g, dtype=torch.float64) for g in gens()])
+            got = noise((7, 3, 4, 5), gens(), kind)
+            assert got.dtype == torch.float64 and torch.equal(got, want), kind
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_road_value_and_accuracy():
     probs = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.2]])
     maps = np.array([[[0.0, 1.0]], [[0.0, 2.0]]])

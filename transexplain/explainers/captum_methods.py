@@ -29,6 +29,7 @@ import contextlib
 import torch
 
 from ..errors import UserError
+from ..parallel import thread_map
 from . import memory
 from .base import Explainer, content_seed, register, select_target
 
@@ -320,14 +321,7 @@ class SmoothGrad(_CaptumExplainer):
         # The float64 draws run on the CPU whatever the device (the same noise on every machine) and
         # cost more than the model on a GPU (8 x 20 x 3 x 224 x 224 normals: ~1 s on one thread), so
         # the samples' draws run in parallel threads (each has its own generator: the same numbers).
-        workers = min(len(x), torch.get_num_threads())
-        if workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                draws = list(pool.map(draw, range(len(x))))
-        else:
-            draws = [draw(i) for i in range(len(x))]
+        draws = thread_map(draw, range(len(x)))
         return torch.stack(draws).to(dtype=inputs.dtype, device=inputs.device)
 
     def scores(self, adapter, x, target):

@@ -21,7 +21,8 @@ reference of the tests and of `scripts/bench_road_imputer.py`). `noisy_linear_im
 image and channel of a batch at once in torch (CPU or GPU): the matrix is symmetric and, once a
 removed region touches a kept pixel, positive definite, so Jacobi-preconditioned conjugate gradients
 converge; the matrix is never formed (its product is a 3 x 3 convolution restricted to the removed
-pixels). `block_solve` (the default) solves the same system exactly by block-tridiagonal elimination.
+pixels). `mg_solve` (the default on a GPU) preconditions them with aggregation multigrid (~20
+iterations to 1e-13); `block_solve` solves the same system exactly by block-tridiagonal elimination.
 A region with no kept pixel at all (every pixel removed) has no solution; we fill it with 0
 (SciPy's solve reports the matrix singular).
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ...parallel import thread_map
 from ._common import degenerate, first_k_masks, fraction_counts, with_nan
 from ._common import noise as draw_noise
 
@@ -38,7 +40,7 @@ from ._common import noise as draw_noise
 #: 2.11 vs 1.74 at 40 x 40, 8.4 vs 4.3 at 64 x 64)
 AUTO_BLOCK_WIDTH = 32
 #: the solver "auto" takes on a GPU
-GPU_METHOD = "block"
+GPU_METHOD = "mg"
 #: the removal fractions of ROAD (the paper's 10 %..90 %)
 FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 #: (row offset, column offset) -> weight of the 8 neighbours in the imputation
@@ -53,12 +55,15 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     Kept pixels are returned unchanged; removed ones get the solution of the ROAD system (module
     docstring) plus ``noise * N(0, 1)`` (drawn from ``generator``, on the CPU, so a seed gives the same
     noise on every device). method: "block" (`block_solve`: exact block-tridiagonal elimination, all
-    images at once), "cg" (`cg_solve`), "scipy" (`scipy_impute` per image, the images spread over
-    `torch.get_num_threads()` threads: SuperLU lets go of the GIL) or "auto": "block" on a GPU, and
-    on the CPU for inputs up to `AUTO_BLOCK_WIDTH` pixels wide, "scipy" above (on the CPU a sparse LU
-    beats the dense blocks, whose cost grows as H * W^3: at 112 x 112, 23 ms against 43 ms of CPU
-    time per imputation on one thread; `scripts/bench_road_imputer.py` measures it). The two solve
-    the same system and differ by rounding (~1e-14).
+    images at once), "mg" (`mg_solve`: conjugate gradients preconditioned with multigrid, all images
+    at once), "cg" (`cg_solve`), "scipy" (`scipy_impute` per image, the images spread over
+    `torch.get_num_threads()` threads: SuperLU lets go of the GIL) or "auto" (`auto_method`): "mg" on
+    a GPU (one H200, 72 imputations at 224 x 224 in float64: 0.14 s against 0.63 s for "block" and
+    6.7 s for SciPy on the host; `scripts/bench_road_imputer.py`), on the CPU "block" for inputs up to
+    `AUTO_BLOCK_WIDTH` pixels wide and "scipy" above (there a sparse LU beats both: at 112 x 112 on one
+    thread ~15 ms per imputation against ~45 ms for "block" and more for "mg", whose stencil sweeps are
+    memory-bound). They solve the same system and differ by rounding (~1e-14; "mg" to its tolerance,
+    ~1e-13).
     """
     if method == "auto":
         method = auto_method(x)
@@ -71,14 +76,7 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
         u = mg_solve(x, removed)
     elif method == "scipy":
         xs, ms = x.detach().cpu().double().numpy(), removed.cpu().numpy()
-        workers = min(torch.get_num_threads(), len(xs))
-        if workers > 1:  # each image is solved alone, so the threads change no number
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(workers) as pool:
-                solved = list(pool.map(scipy_impute, xs, ms))
-        else:
-            solved = [scipy_impute(a, b) for a, b in zip(xs, ms)]
+        solved = thread_map(lambda pair: scipy_impute(*pair), zip(xs, ms))  # SuperLU lets go of the GIL
         u = torch.from_numpy(np.stack(solved)).to(x)
     else:
         raise ValueError(f"unknown imputation method {method!r}: use auto, block, cg, mg or scipy")
@@ -263,15 +261,17 @@ class _Multigrid:
     under-corrects smooth errors; a scalar keeps the cycle symmetric) and the `W_LEVELS` finest levels
     visit the next coarser level twice (a W-cycle there, a V-cycle below). Symmetric smoothing, exact
     coarsest solve and ALPHA < 2 make the cycle a symmetric positive definite preconditioner.
-    Iterations of `mg_solve` to 1e-13 (MoRF and LeRF, 9 fractions, smooth random maps): 17 at 112 x 112
-    and 21 at 224 x 224, against 29 and 33 with a plain V-cycle (ALPHA = 1: 49). Pixels and cells with
-    no unknown (diagonal 0) stay 0.
+    Iterations of `mg_solve` to 1e-13 (MoRF and LeRF, 9 fractions, smooth random maps, float64): 21 at
+    112 x 112 and 25 at 224 x 224; a plain V-cycle takes 29 and 33 (ALPHA = 1: 49), a W-cycle on the two
+    finest levels 17 and 21 but more launches on a GPU (one H200, 144 imputations at 112 x 112: 90 ms
+    against 67 ms with W_LEVELS = 1; 72 at 224 x 224: 137 against 141 ms). Pixels and cells with no
+    unknown (diagonal 0) stay 0.
     """
 
     COARSEST = 256
     OMEGA = 0.8
     ALPHA = 1.5
-    W_LEVELS = 2
+    W_LEVELS = 1
 
     def __init__(self, removed: torch.Tensor, dtype):
         s, h, w = removed.shape
@@ -351,7 +351,7 @@ def mg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float | None = None, m
     All N systems (channels: extra right-hand sides) iterate at once; the matrix is never formed (its
     product is a 9-point stencil on the pixel grid), the preconditioner is one `_Multigrid` cycle. Runs until every residual is below
     ``tol`` times its right-hand side's norm (default 1e-13 in float64, 1e-6 in float32; checked every
-    4th iteration) or ``max_iter`` iterations: 17 iterations at 112 x 112 and 21 at 224 x 224 in
+    4th iteration) or ``max_iter`` iterations: 21 iterations at 112 x 112 and 25 at 224 x 224 in
     float64 (`_Multigrid`), the imputed images within 2e-13 of SciPy's sparse LU. An image with every
     pixel removed is filled with 0 (no solution), as `block_solve` does.
     """
