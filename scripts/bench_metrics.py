@@ -195,7 +195,7 @@ def main():
             from transexplain.evaluation.metrics._common import noise
 
             f = len(opts["road_fractions"])
-            noise((b * f, *x.shape[1:]), [g for g in noise_for(road_ms[0]) for _ in range(f)]).to(x)
+            noise((b * f, *x.shape[1:]), [g for g in noise_for(road_ms[0]) for _ in range(f)], device=x.device).to(x)
         jobs.append(([f"{road_ms[0]} noise draws only"], draws, None, 0, 0))
     for _, metric, base, _, _ in jobs:  # warm-up
         metric()

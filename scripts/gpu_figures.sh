@@ -4,6 +4,7 @@
 # time is left. Everything printed goes to $OUT/gpu_figures.log too.
 #   bash scripts/gpu_figures.sh            (on the device: python3 there holds PyTorch; carry .whl for captum)
 #   PY=.venv/bin/python QUICK=1 bash scripts/gpu_figures.sh   (a small dry run on a CPU)
+#   STAGES=vitb_suite,embedded_road bash scripts/gpu_figures.sh   (some stages only; names below)
 set -u
 OUT=${OUT:-/tmp/gpu_figures}
 mkdir -p "$OUT"
@@ -25,18 +26,25 @@ step() {  # step SECONDS ARGS...: one script under a time limit, logged
   timeout "$limit" "$PY" "$@" 2>&1 | tee -a "$LOG"
 }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
-step 120 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg,mg:w1,mg:w0,cg
-step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods mg,block --dtype float32
-step 60 scripts/bench_road_imputer.py --size $S112 --images $N --device $DEV --methods block,mg,mg:w1
-for solver in mg block; do
-  step 90 scripts/bench_metrics.py --device $DEV --metrics road_morf,road_lerf --batch-size $N --repeats $R --road-solver $solver
-done
-[ -z "${QUICK:-}" ] && for prec in float32 float64; do
-  step 120 scripts/bench_metrics.py --device $DEV --model vit_base_patch16_224 --random-weights --precision $prec \
-    --metrics road_morf,road_lerf --batch-size $N --repeats $R --road-solver mg
-done
-step 150 scripts/bench_metrics.py --device $DEV --metrics all --batch-size $N --repeats $R --road-solver mg
-if [ -z "${QUICK:-}" ] && [ $(( $(date +%s) - START )) -lt 260 ]; then
+want() { [[ ",${STAGES:-imputer,embedded_road,vitb_road,embedded_suite,vitb_suite,check_cuda}," == *",$1,"* ]]; }
+if want imputer; then
+  step 120 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg,mg:w2,mg:w0,cg
+  step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods mg,block --dtype float32
+  step 60 scripts/bench_road_imputer.py --size $S112 --images $N --device $DEV --methods block,mg,mg:w2
+fi
+want embedded_road && step 90 scripts/bench_metrics.py --device $DEV --metrics road_morf,road_lerf --batch-size $N --repeats $R
+if want vitb_road && [ -z "${QUICK:-}" ]; then
+  for prec in float32 float64; do
+    step 120 scripts/bench_metrics.py --device $DEV --model vit_base_patch16_224 --random-weights --precision $prec \
+      --metrics road_morf,road_lerf --batch-size $N --repeats $R
+  done
+fi
+want embedded_suite && step 150 scripts/bench_metrics.py --device $DEV --metrics all --batch-size $N --repeats $R
+if want vitb_suite && [ -z "${QUICK:-}" ]; then
+  step 200 scripts/bench_metrics.py --device $DEV --model vit_base_patch16_224 --random-weights --precision float32 \
+    --metrics all --batch-size $N --repeats $R
+fi
+if want check_cuda && [ -z "${QUICK:-}" ] && [ $(( $(date +%s) - START )) -lt 260 ]; then
   step 150 scripts/check_cuda.py --n 4
 fi
 echo "== done in $(( $(date +%s) - START )) s" | tee -a "$LOG"

@@ -317,6 +317,19 @@ def test_max_sensitivity_explains_the_copies_a_batch_at_a_time():
         assert (chunked - whole).abs().max().item() < 1e-12
 
 
+def test_average_ranks_equal_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    g = torch.Generator().manual_seed(7)
+    v = torch.randint(0, 6, (5, 40), generator=g).to(torch.float64)  # many ties
+    v[1] = 3.0                                                        # one run over the whole row
+    v[2] = torch.randn(40, generator=g, dtype=torch.float64)          # no tie
+    got = sanity.average_ranks(v)
+    assert torch.equal(got, torch.from_numpy(rankdata(v.numpy(), axis=-1, method="average")))
+    # by hand: [2, 1, 2, 5] -> 1 is first; the two 2s share ranks 2 and 3; 5 is fourth
+    assert sanity.average_ranks(torch.tensor([[2.0, 1.0, 2.0, 5.0]])).tolist() == [[2.5, 1.0, 2.5, 4.0]]
+
+
 def test_spearman_by_hand_and_against_scipy():
     from scipy.stats import spearmanr
 

@@ -215,8 +215,9 @@ def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill
             pm = explain_in_batches(explain_fn, model, xs.reshape(-1, *x.shape[1:]), pred.repeat_interleave(s), b)
             out[m] = {"value": robustness.max_sensitivity(maps_np, pm.reshape(b, s, *maps.shape[1:]).double().cpu())}
         elif m == "randomisation":
-            stages = np.stack([explain_fn(rm, x, pred).double().cpu().numpy() for _, rm in randomised])
-            value, per_stage = sanity.randomisation(maps_np, stages)
+            # ranked where the maps are (a GPU ranks them at once); the numbers as on the CPU
+            stages = torch.stack([explain_fn(rm, x, pred).detach().double() for _, rm in randomised])
+            value, per_stage = sanity.randomisation(maps.detach().double(), stages)
             out[m] = {"value": value, "per_stage": per_stage}
     return out
 

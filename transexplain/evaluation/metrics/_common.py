@@ -103,11 +103,20 @@ def with_fill(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch
     return torch.where(masks.unsqueeze(2), fill, x.unsqueeze(1))
 
 
-def noise(shape, generator=None, kind: str = "randn") -> torch.Tensor:
-    """(B, ...) float64 noise drawn on the CPU. `generator`: one torch.Generator for the whole batch,
-    or a list of one generator per sample, each sample's slice drawn from its own (then a sample's
-    noise depends on that sample alone: the same whatever the batch it is in)."""
-    draw = torch.randn if kind == "randn" else torch.rand
+def noise(shape, generator=None, kind: str = "randn", device=None) -> torch.Tensor:
+    """(B, ...) float64 noise drawn on the CPU (the same numbers on every machine), on `device`.
+
+    `generator`: one torch.Generator for the whole batch, or a list of one generator per sample, each
+    sample's slice drawn from its own (then a sample's noise depends on that sample alone: the same
+    whatever the batch it is in). For a CUDA `device` the draws land in pinned memory and are copied
+    without blocking."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    pin = device.type == "cuda"
+    out = torch.empty(tuple(shape), dtype=torch.float64, pin_memory=pin)
+
+    def fill(t: torch.Tensor, g) -> None:  # = torch.randn / torch.rand(t.shape, generator=g), in place
+        t.normal_(0.0, 1.0, generator=g) if kind == "randn" else t.uniform_(0.0, 1.0, generator=g)
+
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
@@ -117,11 +126,7 @@ def noise(shape, generator=None, kind: str = "randn") -> torch.Tensor:
         groups: dict[int, tuple] = {}
         for i, g in enumerate(generator):
             groups.setdefault(id(g), (g, []))[1].append(i)
-        drawn = thread_map(lambda group: [draw(tuple(shape[1:]), generator=group[0], dtype=torch.float64)
-                                          for _ in group[1]], list(groups.values()))
-        rows = [None] * shape[0]
-        for (_, indices), draws in zip(groups.values(), drawn):
-            for i, d in zip(indices, draws):
-                rows[i] = d
-        return torch.stack(rows) if rows else torch.empty(tuple(shape), dtype=torch.float64)
-    return draw(tuple(shape), generator=generator, dtype=torch.float64)
+        thread_map(lambda group: [fill(out[i], group[0]) for i in group[1]], list(groups.values()))
+    else:
+        fill(out, generator)
+    return out.to(device, non_blocking=pin)

@@ -81,7 +81,7 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     else:
         raise ValueError(f"unknown imputation method {method!r}: use auto, block, cg, mg or scipy")
     if noise:
-        eps = draw_noise(u.shape, generator).to(u)
+        eps = draw_noise(u.shape, generator, device=u.device).to(u)
         u = u + noise * eps * removed.unsqueeze(1).to(u)
     return torch.where(removed.unsqueeze(1), u, x)
 

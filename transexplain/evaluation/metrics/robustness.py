@@ -31,7 +31,7 @@ def infidelity_perturbations(x: torch.Tensor, samples: int = INFIDELITY_SAMPLES,
                              generator=None) -> torch.Tensor:
     """(B, C, H, W) -> (B, S, C, H, W) Gaussian perturbations I (drawn on the CPU in float64)."""
     b = x.shape[0]
-    return (sigma * noise((b, samples, *x.shape[1:]), generator)).to(x)
+    return (sigma * noise((b, samples, *x.shape[1:]), generator, device=x.device)).to(x)
 
 
 def infidelity_inputs(x: torch.Tensor, perturbations: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def sensitivity_perturbations(x: torch.Tensor, samples: int = SENSITIVITY_SAMPLE
                               generator=None) -> torch.Tensor:
     """(B, C, H, W) -> (B, S, C, H, W) inputs ``x + δ``, δ uniform in [-r, r] per value."""
     b = x.shape[0]
-    u = noise((b, samples, *x.shape[1:]), generator, kind="rand")
+    u = noise((b, samples, *x.shape[1:]), generator, kind="rand", device=x.device)
     return x.unsqueeze(1) + ((2 * u - 1) * radius).to(x)
 
 

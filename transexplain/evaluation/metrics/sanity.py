@@ -21,28 +21,51 @@ import torch
 from ._common import ordering_values
 
 
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """Average ranks along the last axis, of the values every ranking uses (`_common.ordering_values`)."""
-    from scipy.stats import rankdata
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """(N, n) -> (N, n) float64 ranks 1..n along the last axis, ties given their average rank
+    (scipy.stats.rankdata's "average"), in torch on the values' device.
 
+    After one stable sort, a run of equal values spans positions first..last; each of its members
+    gets (first + last) / 2 + 1: `first` is a running maximum of the positions where a run starts,
+    `last` a running minimum, from the right, of the positions where one ends.
+    """
+    n = values.shape[-1]
+    ordered, order = values.sort(dim=-1, stable=True)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    ends = torch.ones_like(starts)
+    ends[..., :-1] = starts[..., 1:]
+    pos = torch.arange(n, device=values.device).expand_as(order)
+    first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(-1).values
+    last = torch.where(ends, pos, torch.full_like(pos, n)).flip(-1).cummin(-1).values.flip(-1)
+    return torch.empty(order.shape, dtype=torch.float64, device=values.device).scatter_(
+        -1, order, (first + last).to(torch.float64) / 2 + 1)
+
+
+def _ranks(a: torch.Tensor) -> torch.Tensor:
+    """Average ranks along the last axis, of the values every ranking uses (`_common.ordering_values`)."""
     flat = a.reshape(-1, a.shape[-1])
-    keyed = ordering_values(torch.from_numpy(np.ascontiguousarray(flat))).numpy().reshape(a.shape)
-    return rankdata(keyed, axis=-1, method="average")
+    return average_ranks(ordering_values(flat)).reshape(a.shape)
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return a.detach().to(torch.float64) if isinstance(a, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64))
 
 
 def spearman(maps, other) -> np.ndarray:
-    """(B, H, W), (..., B, H, W) -> (..., B) Spearman ρ per image; NaN where either map is constant."""
-    a = np.asarray(maps.detach().cpu() if isinstance(maps, torch.Tensor) else maps, dtype=np.float64)
-    o = np.asarray(other.detach().cpu() if isinstance(other, torch.Tensor) else other, dtype=np.float64)
+    """(B, H, W), (..., B, H, W) -> (..., B) Spearman ρ per image; NaN where either map is constant.
+
+    Computed in torch on the maps' device (a GPU ranks the maps of a batch at once)."""
+    a, o = _as_tensor(maps), _as_tensor(other)
+    o = o.to(a.device)
     ra = _ranks(a.reshape(*a.shape[:-2], -1))
     ro = _ranks(o.reshape(*o.shape[:-2], -1))
-    ra = ra - ra.mean(-1, keepdims=True)
-    ro = ro - ro.mean(-1, keepdims=True)
+    ra = ra - ra.mean(-1, keepdim=True)
+    ro = ro - ro.mean(-1, keepdim=True)
     num = (ra * ro).sum(-1)
-    den = np.sqrt((ra * ra).sum(-1) * (ro * ro).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = num / den
-    return np.where(den > 0, rho, np.nan)
+    den = torch.sqrt((ra * ra).sum(-1) * (ro * ro).sum(-1))
+    rho = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
+    return rho.cpu().numpy()
 
 
 def randomisation(maps, randomised_maps) -> tuple[np.ndarray, np.ndarray]:
