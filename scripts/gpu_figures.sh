@@ -32,6 +32,11 @@ if want imputer; then
   step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods mg,block --dtype float32
   step 60 scripts/bench_road_imputer.py --size $S112 --images $N --device $DEV --methods block,mg,mg:w2
 fi
+want imputer224 && step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg
+if want vitb_noisy && [ -z "${QUICK:-}" ]; then  # the metrics with CPU noise draws or CPU-side work, ViT-B
+  step 120 scripts/bench_metrics.py --device $DEV --model vit_base_patch16_224 --random-weights --precision float32 \
+    --metrics road_morf,road_lerf,infidelity,max_sensitivity,randomisation --batch-size $N --repeats $R
+fi
 want embedded_road && step 90 scripts/bench_metrics.py --device $DEV --metrics road_morf,road_lerf --batch-size $N --repeats $R
 if want vitb_road && [ -z "${QUICK:-}" ]; then
   for prec in float32 float64; do

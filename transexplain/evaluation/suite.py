@@ -208,7 +208,7 @@ def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill
         elif m == "relevance_rank":
             out[m] = {"value": localisation.relevance_rank_accuracy(maps_np, masks)}
         elif m == "infidelity":
-            out[m] = {"value": robustness.infidelity(maps_np, pert, p_clean, probs["inf"])}
+            out[m] = {"value": robustness.infidelity(maps.detach(), pert, p_clean, probs["inf"])}
         elif m == "max_sensitivity":
             s = opts["sensitivity_samples"]
             xs = robustness.sensitivity_perturbations(x, s, opts["sensitivity_radius"], noise_for(m))

@@ -41,9 +41,9 @@ def infidelity_inputs(x: torch.Tensor, perturbations: torch.Tensor) -> torch.Ten
 
 def infidelity(maps, perturbations, f_clean, f_perturbed, normalize: bool = True) -> np.ndarray:
     """(B, H, W) maps, (B, S, C, H, W) I, (B,) f(x), (B, S) f(x - I) -> (B,) infidelity."""
-    maps = torch.as_tensor(maps).to(torch.float64).cpu()
-    pert = torch.as_tensor(perturbations).to(torch.float64).cpu()
-    dot = (pert.sum(2) * maps.unsqueeze(1)).flatten(2).sum(-1).numpy()          # (B, S)  I · Φ
+    pert = torch.as_tensor(perturbations)  # I · Φ where I is (a GPU's copies need not come back)
+    maps = torch.as_tensor(maps).to(device=pert.device, dtype=torch.float64)
+    dot = (pert.to(torch.float64).sum(2) * maps.unsqueeze(1)).flatten(2).sum(-1).cpu().numpy()  # (B, S)
     diff = np.asarray(f_clean, dtype=np.float64)[:, None] - np.asarray(f_perturbed, dtype=np.float64)
     if normalize:
         den = (dot * dot).mean(1)
