@@ -158,7 +158,7 @@ def cg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float = 1e-10, max_ite
     The matrix is never formed: its product is a 3 x 3 neighbour sum restricted to the removed
     pixels. Runs until every residual is below ``tol`` times its right-hand side's norm (or
     ``max_iter``, default 20 * (H + W), iterations); the iterations grow with the size of the removed
-    regions, so `block_solve` is the default. A region with no kept pixel stays 0.
+    regions; `mg_solve` preconditions the same iterations with multigrid. A region with no kept pixel stays 0.
     """
     n, c, h, w = x.shape
     dtype, device = x.dtype, x.device
