@@ -32,6 +32,21 @@ if want imputer; then
   step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods mg,block --dtype float32
   step 60 scripts/bench_road_imputer.py --size $S112 --images $N --device $DEV --methods block,mg,mg:w2
 fi
+if want road_noise_check; then  # ROAD's imputed inputs with noise: the GPU (mg, noise drawn in the background) against the CPU
+  echo "== [$(( $(date +%s) - START )) s] ROAD inputs, $DEV against cpu" | tee -a "$LOG"
+  DEV=$DEV "$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG"
+import os, torch
+from transexplain.evaluation.metrics import curves, road
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3, 3, 64, 64, generator=g, dtype=torch.float64)
+maps = curves.gaussian_blur(torch.rand(3, 1, 64, 64, generator=g, dtype=torch.float64), 9, 3.0)[:, 0]
+def gens():
+    return [torch.Generator().manual_seed(10 + i) for i in range(3)]
+cpu = road.road_inputs(x, maps, generator=gens())
+dev = road.road_inputs(x.to(os.environ["DEV"]), maps.to(os.environ["DEV"]), generator=gens()).cpu()
+print(f"max |difference| {float((cpu - dev).abs().max()):.2e} (noise 0.01: a different draw would differ by ~0.01)")
+PYEOF
+fi
 want imputer224 && step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg
 if want vitb_noisy && [ -z "${QUICK:-}" ]; then  # the metrics with CPU noise draws or CPU-side work, ViT-B
   step 120 scripts/bench_metrics.py --device $DEV --model vit_base_patch16_224 --random-weights --precision float32 \

@@ -172,6 +172,16 @@ def test_noise_from_generators_drawn_in_threads_equals_a_serial_loop():
         torch.set_num_threads(threads)
 
 
+def test_noise_drawn_in_the_background_equals_in_place():
+    from transexplain.evaluation.metrics._common import noise
+    from transexplain.parallel import in_background
+
+    def gens():
+        return [g for g in (torch.Generator().manual_seed(s) for s in (4, 5)) for _ in range(3)]
+    want = noise((6, 2, 3, 3), gens())
+    assert torch.equal(in_background(noise, (6, 2, 3, 3), gens()).result(), want)
+
+
 def test_road_value_and_accuracy():
     probs = np.array([[0.9, 0.5, 0.1], [0.2, 0.2, 0.2]])
     maps = np.array([[[0.0, 1.0]], [[0.0, 2.0]]])

@@ -20,3 +20,19 @@ def thread_map(fn, items) -> list:
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, items))
+
+
+_BACKGROUND = None
+
+
+def in_background(fn, *args, **kwargs):
+    """Start fn(*args, **kwargs) in a background thread; returns its Future (`.result()` waits).
+
+    For CPU work that can run while this thread drives a GPU (ROAD's CPU noise draws during its solve):
+    the work is the same as called in place, so the numbers are too."""
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="transexplain-background")
+    return _BACKGROUND.submit(fn, *args, **kwargs)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...parallel import thread_map
+from ...parallel import in_background, thread_map
 from ._common import degenerate, first_k_masks, fraction_counts, with_nan
 from ._common import noise as draw_noise
 
@@ -68,6 +68,8 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     if method == "auto":
         method = auto_method(x)
     removed = removed.to(torch.bool)
+    # on a GPU the noise is drawn on the CPU while the GPU solves (the same draws as in place)
+    pending = in_background(draw_noise, x.shape, generator, device=x.device) if noise and x.device.type != "cpu" else None
     if method == "block":
         u = block_solve(x, removed)
     elif method == "cg":
@@ -81,7 +83,7 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     else:
         raise ValueError(f"unknown imputation method {method!r}: use auto, block, cg, mg or scipy")
     if noise:
-        eps = draw_noise(u.shape, generator, device=u.device).to(u)
+        eps = (pending.result() if pending is not None else draw_noise(u.shape, generator, device=u.device)).to(u)
         u = u + noise * eps * removed.unsqueeze(1).to(u)
     return torch.where(removed.unsqueeze(1), u, x)
 
