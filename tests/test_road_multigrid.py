@@ -120,3 +120,14 @@ def test_multigrid_degenerate_masks():
     assert torch.equal(out[0], x[0]) and (out[1] == 0).all()
     want = sum(wt * x[2, :, 5 + dr, 5 + dc] for (dr, dc), wt in road.NEIGHBOUR_WEIGHTS.items())
     assert torch.allclose(out[2, :, 5, 5], want, atol=1e-14)
+
+
+def test_systems_cg_leaves_above_tolerance_are_solved_exactly():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 40, 40, generator=g, dtype=torch.float64)
+    removed = _masks(40, 40, 3, 6)
+    exact = road.block_solve(x, removed)
+    one_step = road.mg_solve(x, removed, max_iter=1)  # one CG step: far from 1e-13, so block_solve
+    m = removed.unsqueeze(1)
+    assert torch.allclose(one_step[m.expand_as(x)], exact[m.expand_as(x)], atol=1e-12, rtol=0)
+    assert (one_step[~m.expand_as(x)] == 0).all()
