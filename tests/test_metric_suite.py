@@ -340,6 +340,16 @@ def test_average_ranks_equal_scipy_rankdata():
     assert sanity.average_ranks(torch.tensor([[2.0, 1.0, 2.0, 5.0]])).tolist() == [[2.5, 1.0, 2.5, 4.0]]
 
 
+def test_spearman_of_a_map_holding_nan_is_nan():
+    g = torch.Generator().manual_seed(8)
+    maps = torch.rand(3, 4, 4, generator=g, dtype=torch.float64)
+    other = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    maps[1, 2, 2] = float("nan")
+    other[0, 2, 0, 1] = float("nan")
+    rho = sanity.spearman(maps, other)
+    assert np.isnan(rho[:, 1]).all() and np.isnan(rho[0, 2]) and not np.isnan(rho[1, 2]) and not np.isnan(rho[:, 0]).any()
+
+
 def test_spearman_by_hand_and_against_scipy():
     from scipy.stats import spearmanr
 

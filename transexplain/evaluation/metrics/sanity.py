@@ -53,7 +53,7 @@ def _as_tensor(a) -> torch.Tensor:
 
 
 def spearman(maps, other) -> np.ndarray:
-    """(B, H, W), (..., B, H, W) -> (..., B) Spearman ρ per image; NaN where either map is constant.
+    """(B, H, W), (..., B, H, W) -> (..., B) Spearman ρ per image; NaN where either map is constant or holds NaN.
 
     Computed in torch on the maps' device (a GPU ranks the maps of a batch at once)."""
     a, o = _as_tensor(maps), _as_tensor(other)
@@ -64,7 +64,9 @@ def spearman(maps, other) -> np.ndarray:
     ro = ro - ro.mean(-1, keepdim=True)
     num = (ra * ro).sum(-1)
     den = torch.sqrt((ra * ra).sum(-1) * (ro * ro).sum(-1))
-    rho = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
+    # a map holding NaN has no ranking (SciPy's rankdata propagates it): its ρ is NaN too
+    defined = (den > 0) & ~torch.isnan(a).flatten(-2).any(-1) & ~torch.isnan(o).flatten(-2).any(-1)
+    rho = torch.where(defined, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(den, float("nan")))
     return rho.cpu().numpy()
 
 
