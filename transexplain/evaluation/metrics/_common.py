@@ -8,7 +8,11 @@ from ...parallel import thread_map
 
 
 def as_tensor(a, dtype=torch.float64) -> torch.Tensor:
-    return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a), dtype=dtype)
+    """A tensor as it is; anything else as a `dtype` tensor (an array of negative strides copied first)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    arr = np.asarray(a)
+    return torch.as_tensor(arr if arr.flags.c_contiguous else arr.copy(), dtype=dtype)
 
 
 def step_counts(num_pixels: int, steps: int) -> list[int]:

@@ -96,10 +96,16 @@ def auto_method(x: torch.Tensor) -> str:
     return "block" if x.shape[-1] <= AUTO_BLOCK_WIDTH else "scipy"
 
 
+def _neighbour_sum(t: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) -> (..., H, W): sum_j w_ij t_j over the in-image neighbours j of every pixel i."""
+    h, w = t.shape[-2:]
+    padded = torch.nn.functional.pad(t, (1, 1, 1, 1))  # 0 outside the image
+    return sum(wt * padded[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w] for (dr, dc), wt in NEIGHBOUR_WEIGHTS.items())
+
+
 def _neighbour_sums(h: int, w: int, dtype, device) -> torch.Tensor:
     """(H, W): d_i, the sum of the weights of pixel i's neighbours inside the image."""
-    pad = torch.nn.functional.pad(torch.ones(h, w, dtype=dtype, device=device), (1, 1, 1, 1))
-    return sum(wt * pad[1 + dr:1 + dr + h, 1 + dc:1 + dc + w] for (dr, dc), wt in NEIGHBOUR_WEIGHTS.items())
+    return _neighbour_sum(torch.ones(h, w, dtype=dtype, device=device))
 
 
 def block_solve(x: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -165,20 +171,12 @@ def cg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float = 1e-10, max_ite
     n, c, h, w = x.shape
     dtype, device = x.dtype, x.device
     m = removed.to(dtype).unsqueeze(1)                     # (N, 1, H, W), 1 where unknown
-    shifts = [(dr, dc, wt) for (dr, dc), wt in NEIGHBOUR_WEIGHTS.items()]
-
-    def conv(t):  # sum_j w_ij t_j over the in-image neighbours j of every pixel i (zero outside)
-        padded = torch.nn.functional.pad(t, (1, 1, 1, 1))
-        out = torch.zeros_like(t)
-        for dr, dc, wt in shifts:
-            out = out + wt * padded[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
-        return out
-    diag = conv(torch.ones(1, 1, h, w, dtype=dtype, device=device))          # in-image neighbour weight sum
+    diag = _neighbour_sums(h, w, dtype, device)             # in-image neighbour weight sum
     inv_diag = torch.where(m > 0, 1.0 / diag, torch.zeros_like(m))
-    b = conv(x * (1 - m)) * m                               # (N, C, H, W)
+    b = _neighbour_sum(x * (1 - m)) * m                     # (N, C, H, W)
 
     def matvec(u):
-        return (diag * u - conv(u)) * m
+        return (diag * u - _neighbour_sum(u)) * m
 
     u = torch.zeros_like(b)
     r = b.clone()
@@ -367,21 +365,21 @@ def mg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float | None = None, m
         return out
     xs, rem = x[solvable], removed[solvable]
     m = rem.to(x.dtype).unsqueeze(1)
-    # right-hand side: the kept neighbours' weighted values, on the removed pixels
-    kept = torch.nn.functional.pad(xs * (1 - m), (1, 1, 1, 1))
-    b = sum(NEIGHBOUR_WEIGHTS[(dr, dc)] * kept[..., 1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
-            for (dr, dc) in NEIGHBOUR_WEIGHTS) * m
+    b = _neighbour_sum(xs * (1 - m)) * m  # right-hand side: the kept neighbours' weighted values
     precondition = _Multigrid(rem, x.dtype)
     u = torch.zeros_like(b)
     r = b.clone()
     z = precondition(r)
     p = z
     rz = (r * z).sum(dim=(2, 3), keepdim=True)
-    bnorm = b.flatten(2).norm(dim=2)[..., None, None]
-    limit = tol * torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))
+    bnorm = b.flatten(2).norm(dim=2)
+    limit = tol * torch.where(bnorm > 0, bnorm, torch.ones_like(bnorm))  # (S, C)
+
+    def converged():
+        return r.flatten(2).norm(dim=2) <= limit
     one = torch.ones_like(rz)
     for it in range(max_iter):
-        if it % 4 == 0 and bool((r.flatten(2).norm(dim=2)[..., None, None] <= limit).all()):
+        if it % 4 == 0 and bool(converged().all()):
             break
         ap = precondition.product(p)
         pap = (p * ap).sum(dim=(2, 3), keepdim=True)
@@ -395,7 +393,7 @@ def mg_solve(x: torch.Tensor, removed: torch.Tensor, tol: float | None = None, m
         rz = rz_new
     # a system not brought under its tolerance in max_iter iterations (not seen on any mask we tried:
     # ROAD's, one kept pixel, a checkerboard, stripes) is solved exactly instead
-    stuck = (r.flatten(2).norm(dim=2) > limit[..., 0, 0]).any(1)
+    stuck = ~converged().all(1)
     if bool(stuck.any()):
         u[stuck] = block_solve(xs[stuck], rem[stuck]) * m[stuck]
     out[solvable] = u

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import ordering_values
+from ._common import as_tensor, ordering_values
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -48,15 +48,11 @@ def _ranks(a: torch.Tensor) -> torch.Tensor:
     return average_ranks(ordering_values(flat)).reshape(a.shape)
 
 
-def _as_tensor(a) -> torch.Tensor:
-    return a.detach().to(torch.float64) if isinstance(a, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64))
-
-
 def spearman(maps, other) -> np.ndarray:
     """(B, H, W), (..., B, H, W) -> (..., B) Spearman ρ per image; NaN where either map is constant or holds NaN.
 
     Computed in torch on the maps' device (a GPU ranks the maps of a batch at once)."""
-    a, o = _as_tensor(maps), _as_tensor(other)
+    a, o = (as_tensor(t).detach().to(torch.float64) for t in (maps, other))
     o = o.to(a.device)
     ra = _ranks(a.reshape(*a.shape[:-2], -1))
     ro = _ranks(o.reshape(*o.shape[:-2], -1))
