@@ -23,7 +23,7 @@ import copy
 import numpy as np
 import torch
 
-from .. import interrupt
+from .. import interrupt, rng
 from .metrics import METRICS, curves, localisation, road, robustness, saco, sanity
 from .metrics._common import nan_summary
 from .perturbation import batches, maybe_kill, progress_bar, skipped_rows
@@ -117,14 +117,15 @@ def _probs(model, inputs, target: torch.Tensor, forward_batch: int):
 
 
 def per_image_generators(seed: int, indices, method: str):
-    """`noise_for(metric)` -> one torch.Generator per image, seeded by the run's seed, the image's
-    index in the data, the method and the metric: each image's noise is the same whatever the batch
-    size, the other methods and metrics of the run, or where a resumed run starts."""
+    """`noise_for(metric)` -> one counter-based `rng.Stream` per image, keyed by the run's seed, the
+    image's index in the data, the method and the metric: each image's noise is the same whatever
+    the batch size, the other methods and metrics of the run, where a resumed run starts, or the
+    device (the draws are made on the metric's device, `rng.draw`)."""
     import zlib
 
     def noise_for(metric: str) -> list:
         tag = zlib.crc32(f"{method}/{metric}".encode())
-        return [torch.Generator().manual_seed((seed * 1_000_003 + int(j)) * 2_654_435_761 % 2**61 ^ tag) for j in indices]
+        return [rng.Stream((seed * 1_000_003 + int(j)) * 2_654_435_761 % 2**61 ^ tag) for j in indices]
 
     return noise_for
 

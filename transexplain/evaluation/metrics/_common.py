@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ... import rng
 from ...parallel import thread_map
 
 
@@ -107,13 +108,23 @@ def with_fill(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch
     return torch.where(masks.unsqueeze(2), fill, x.unsqueeze(1))
 
 
-def noise(shape, generator=None, kind: str = "randn", device=None) -> torch.Tensor:
-    """(B, ...) float64 noise drawn on the CPU (the same numbers on every machine), on `device`.
+def counter_based(generator) -> bool:
+    """Whether `noise` draws from `generator` (one, or a list) on the target device (`rng.Stream`)."""
+    first = generator[0] if isinstance(generator, (list, tuple)) and len(generator) else generator
+    return isinstance(first, rng.Stream)
 
-    `generator`: one torch.Generator for the whole batch, or a list of one generator per sample, each
-    sample's slice drawn from its own (then a sample's noise depends on that sample alone: the same
-    whatever the batch it is in). For a CUDA `device` the draws land in pinned memory and are copied
-    without blocking."""
+
+def noise(shape, generator=None, kind: str = "randn", device=None) -> torch.Tensor:
+    """(B, ...) float64 noise, the same numbers on every machine, on `device`.
+
+    `generator`: a `transexplain.rng.Stream` (or a list of one per sample): counter-based draws made
+    on `device` itself (`rng.draw`; what the suite uses). Or a torch.Generator for the whole batch, or
+    a list of one per sample, drawn on the CPU (torch's CPU and CUDA generators give different
+    numbers) and, for a CUDA `device`, into pinned memory, copied without blocking. With a list each
+    sample's slice comes from its own generator (then a sample's noise depends on that sample alone:
+    the same whatever the batch it is in)."""
+    if counter_based(generator):
+        return rng.draw(generator, shape, kind, device)
     device = torch.device(device) if device is not None else torch.device("cpu")
     pin = device.type == "cuda"
     out = torch.empty(tuple(shape), dtype=torch.float64, pin_memory=pin)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ...parallel import in_background, thread_map
-from ._common import degenerate, first_k_masks, fraction_counts, with_nan
+from ._common import counter_based, degenerate, first_k_masks, fraction_counts, with_nan
 from ._common import noise as draw_noise
 
 #: widest input that "auto" imputes with `block_solve` on a CPU (SciPy above; measured crossover on
@@ -53,8 +53,9 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     """Impute the removed pixels of a batch: (N, C, H, W) images, (N, H, W) bool -> (N, C, H, W).
 
     Kept pixels are returned unchanged; removed ones get the solution of the ROAD system (module
-    docstring) plus ``noise * N(0, 1)`` (drawn from ``generator``, on the CPU, so a seed gives the same
-    noise on every device). method: "block" (`block_solve`: exact block-tridiagonal elimination, all
+    docstring) plus ``noise * N(0, 1)`` (drawn from ``generator`` by `_common.noise`: an `rng.Stream`
+    draws on the images' device, a torch.Generator on the CPU; either way a seed gives the same noise on
+    every device). method: "block" (`block_solve`: exact block-tridiagonal elimination, all
     images at once), "mg" (`mg_solve`: conjugate gradients preconditioned with multigrid, all images
     at once), "cg" (`cg_solve`), "scipy" (`scipy_impute` per image, the images spread over
     `torch.get_num_threads()` threads: SuperLU lets go of the GIL) or "auto" (`auto_method`): "mg" on
@@ -68,8 +69,10 @@ def noisy_linear_impute(x: torch.Tensor, removed: torch.Tensor, noise: float = 0
     if method == "auto":
         method = auto_method(x)
     removed = removed.to(torch.bool)
-    # on a GPU the noise is drawn on the CPU while the GPU solves (the same draws as in place)
-    pending = in_background(draw_noise, x.shape, generator, device=x.device) if noise and x.device.type != "cpu" else None
+    # on a GPU a torch.Generator's noise is drawn on the CPU while the GPU solves (the same draws as in
+    # place); an `rng.Stream`'s is drawn on the GPU after the solve
+    on_host = noise and x.device.type != "cpu" and not counter_based(generator)
+    pending = in_background(draw_noise, x.shape, generator, device=x.device) if on_host else None
     if method == "block":
         u = block_solve(x, removed)
     elif method == "cg":

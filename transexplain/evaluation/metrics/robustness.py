@@ -29,7 +29,7 @@ SENSITIVITY_RADIUS, SENSITIVITY_SAMPLES = 0.02, 10
 
 def infidelity_perturbations(x: torch.Tensor, samples: int = INFIDELITY_SAMPLES, sigma: float = INFIDELITY_SIGMA,
                              generator=None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, S, C, H, W) Gaussian perturbations I (drawn on the CPU in float64)."""
+    """(B, C, H, W) -> (B, S, C, H, W) Gaussian perturbations I (float64 draws of `_common.noise`)."""
     b = x.shape[0]
     return (sigma * noise((b, samples, *x.shape[1:]), generator, device=x.device)).to(x)
 
