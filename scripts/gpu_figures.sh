@@ -40,11 +40,29 @@ from transexplain.evaluation.metrics import curves, road
 g = torch.Generator().manual_seed(0)
 x = torch.randn(3, 3, 64, 64, generator=g, dtype=torch.float64)
 maps = curves.gaussian_blur(torch.rand(3, 1, 64, 64, generator=g, dtype=torch.float64), 9, 3.0)[:, 0]
+from transexplain import rng
 def gens():
     return [torch.Generator().manual_seed(10 + i) for i in range(3)]
-cpu = road.road_inputs(x, maps, generator=gens())
-dev = road.road_inputs(x.to(os.environ["DEV"]), maps.to(os.environ["DEV"]), generator=gens()).cpu()
-print(f"max |difference| {float((cpu - dev).abs().max()):.2e} (noise 0.01: a different draw would differ by ~0.01)")
+def streams():
+    return [rng.Stream(10 + i) for i in range(3)]
+for name, make in (("torch.Generator (drawn on the host)", gens), ("rng.Stream (drawn on the device)", streams)):
+    cpu = road.road_inputs(x, maps, generator=make())
+    dev = road.road_inputs(x.to(os.environ["DEV"]), maps.to(os.environ["DEV"]), generator=make()).cpu()
+    print(f"{name}: max |difference| {float((cpu - dev).abs().max()):.2e} (noise 0.01: a different draw would differ by ~0.01)")
+z = rng.draw([rng.Stream(5), rng.Stream(6)], (2, 3, 224, 224))
+zd = rng.draw([rng.Stream(5), rng.Stream(6)], (2, 3, 224, 224), device=os.environ["DEV"]).cpu()
+u = rng.draw([rng.Stream(7)], (1, 3, 224, 224), "rand")
+ud = rng.draw([rng.Stream(7)], (1, 3, 224, 224), "rand", device=os.environ["DEV"]).cpu()
+print(f"rng.draw {os.environ['DEV']} against cpu: normals max |difference| {float((z - zd).abs().max()):.2e}, "
+      f"{int((z != zd).sum())} of {z.numel()} differ; uniforms equal: {torch.equal(u, ud)}")
+import time
+for dev in ("cpu", os.environ["DEV"]):
+    rng.draw(rng.Stream(1), (1000,), device=dev)
+    if dev != "cpu": torch.cuda.synchronize()
+    t = time.perf_counter()
+    rng.draw([rng.Stream(i) for i in range(72)], (72, 3, 224, 224), device=dev)
+    if dev != "cpu": torch.cuda.synchronize()
+    print(f"rng.draw 10.8 M normals on {dev}: {1000 * (time.perf_counter() - t):.1f} ms")
 PYEOF
 fi
 want imputer224 && step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg

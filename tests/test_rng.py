@@ -135,3 +135,26 @@ def test_the_same_draws_on_a_gpu():
     assert (gpu - cpu).abs().max() <= 4 * torch.finfo(torch.float64).eps * cpu.abs().max()
     u = rng.draw([rng.Stream(5)], (1, 999), "rand")
     assert torch.equal(rng.draw([rng.Stream(5)], (1, 999), "rand", device="cuda").cpu(), u)
+
+
+def test_suite_noise_of_an_image_does_not_depend_on_its_batch():
+    """ROAD's copies of one image share its Stream (drawn in turn), infidelity and max-sensitivity
+    draw from their own: an image gives the same noisy inputs alone and inside a batch."""
+    from transexplain.evaluation.metrics import curves, road, robustness
+    from transexplain.evaluation.suite import per_image_generators
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    maps = curves.gaussian_blur(torch.rand(3, 1, 16, 16, generator=g, dtype=torch.float64), 5, 2.0)[:, 0]
+    batch = per_image_generators(0, [4, 5, 6], "rollout")
+    alone = per_image_generators(0, [5], "rollout")
+    r_batch = road.road_inputs(x, maps, generator=batch("road_morf"))
+    r_alone = road.road_inputs(x[1:2], maps[1:2], generator=alone("road_morf"))
+    assert torch.equal(r_batch[1], r_alone[0])
+    assert not torch.equal(r_batch[0], r_batch[1])
+    i_batch = robustness.infidelity_perturbations(x, generator=batch("infidelity"))
+    assert torch.equal(i_batch[1], robustness.infidelity_perturbations(x[1:2], generator=alone("infidelity"))[0])
+    s_batch = robustness.sensitivity_perturbations(x, generator=batch("max_sensitivity"))
+    assert torch.equal(s_batch[1], robustness.sensitivity_perturbations(x[1:2], generator=alone("max_sensitivity"))[0])
+    # another metric of the same image draws other noise
+    assert not torch.equal(i_batch[1], robustness.infidelity_perturbations(x[1:2], generator=alone("other"))[0])
