@@ -77,7 +77,7 @@ def main():
     from transexplain.evaluation.metrics import resolve_metrics
     from transexplain.evaluation.segmentation import SegmentationData
     from transexplain.evaluation.suite import (DEFAULT_OPTIONS, cascading_randomisation, explain_in_batches,
-                                               per_image_generators, score_method)
+                                               per_image_streams, score_method)
     from transexplain.models import as_adapter
     from transexplain.models.loading import load_model
     from transexplain.precision import PRECISIONS, adapter_at, at_precision
@@ -144,7 +144,7 @@ def main():
             return clean_maps
         return explain_any(mdl, inputs, target)
 
-    noise_for = per_image_generators(int(opts["seed"]), range(b), args.method)
+    noise_for = per_image_streams(int(opts["seed"]), range(b), args.method)
     s_sens = opts["sensitivity_samples"]
     xs_sens = x.unsqueeze(1).expand(b, s_sens, *x.shape[1:]).reshape(-1, *x.shape[1:]).clone()
     big = None
@@ -191,7 +191,7 @@ def main():
                                  opts["road_noise"], noise_for(road_ms[0]), method=solver)
             jobs.append(([f"{road_ms[0]} imputation only, {solver}"], impute, None, 0, 0))
 
-        def draws():  # the float64 CPU noise of those imputations alone (one generator per image)
+        def draws():  # the float64 noise of those imputations alone (one rng.Stream per image, on the metric's device)
             from transexplain.evaluation.metrics._common import noise
 
             f = len(opts["road_fractions"])

@@ -141,13 +141,13 @@ def test_suite_noise_of_an_image_does_not_depend_on_its_batch():
     """ROAD's copies of one image share its Stream (drawn in turn), infidelity and max-sensitivity
     draw from their own: an image gives the same noisy inputs alone and inside a batch."""
     from transexplain.evaluation.metrics import curves, road, robustness
-    from transexplain.evaluation.suite import per_image_generators
+    from transexplain.evaluation.suite import per_image_streams
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
     maps = curves.gaussian_blur(torch.rand(3, 1, 16, 16, generator=g, dtype=torch.float64), 5, 2.0)[:, 0]
-    batch = per_image_generators(0, [4, 5, 6], "rollout")
-    alone = per_image_generators(0, [5], "rollout")
+    batch = per_image_streams(0, [4, 5, 6], "rollout")
+    alone = per_image_streams(0, [5], "rollout")
     r_batch = road.road_inputs(x, maps, generator=batch("road_morf"))
     r_alone = road.road_inputs(x[1:2], maps[1:2], generator=alone("road_morf"))
     assert torch.equal(r_batch[1], r_alone[0])

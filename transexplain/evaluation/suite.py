@@ -116,7 +116,7 @@ def _probs(model, inputs, target: torch.Tensor, forward_batch: int):
     return torch.cat(p).double().cpu().numpy(), torch.cat(a).cpu().numpy()
 
 
-def per_image_generators(seed: int, indices, method: str):
+def per_image_streams(seed: int, indices, method: str):
     """`noise_for(metric)` -> one counter-based `rng.Stream` per image, keyed by the run's seed, the
     image's index in the data, the method and the metric: each image's noise is the same whatever
     the batch size, the other methods and metrics of the run, where a resumed run starts, or the
@@ -161,7 +161,7 @@ def _copies(x, maps, metrics, opts, fill_black, noise_for):
 def score_method(model, explain_fn, x, pred, p_clean, masks, metrics, opts, fill_black, forward_batch,
                  noise_for, randomised=()) -> dict:
     """Every chosen metric of one method on one batch: {metric: {"value": (B,), ...}}; `noise_for(metric)`
-    gives the per-image generators of a metric's random draws (`per_image_generators`)."""
+    gives the per-image streams of a metric's random draws (`per_image_streams`)."""
     maps = explain_fn(model, x, pred).to(torch.float64)
     maps_np = maps.detach().cpu().numpy()
     b = len(x)
@@ -293,7 +293,7 @@ def run_suite(loaded, data, store, methods, metrics, limit=None, batch_size: int
                               "label": np.array(labels, dtype=np.int64), "pred": pred.cpu().numpy(),
                               "p_clean": p_clean}
             for method in methods:
-                noise_for = per_image_generators(int(opts["seed"]), batch.indices, method)
+                noise_for = per_image_streams(int(opts["seed"]), batch.indices, method)
                 scores = score_method(model, explainer_of(method), x, pred, p_clean, masks, metrics, opts, fill_black,
                                       forward_batch, noise_for, randomised)
                 for m, cols in scores.items():

@@ -28,6 +28,8 @@ A region with no kept pixel at all (every pixel removed) has no solution; we fil
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -411,6 +413,20 @@ _STENCIL = sorted([*NEIGHBOUR_WEIGHTS, (0, 0)])
 SUPERLU_PANEL_SIZE = 2
 
 
+@functools.lru_cache(maxsize=16)
+def _padded_grid(h: int, w: int):
+    """The pieces of `scipy_impute`'s assembly that depend on the image size alone, on the image padded
+    by one pixel on every side: the flat offsets of `_STENCIL`'s 9 entries, d_i (the weights of pixel
+    i's in-image neighbours, summed in stencil order), and the padded index of every pixel."""
+    offsets = np.array([dr * (w + 2) + dc for dr, dc in _STENCIL], dtype=np.int64)
+    rows, cols = np.divmod(np.arange(h * w), w)
+    d = np.zeros(h * w)
+    for dr, dc in _STENCIL:
+        if (dr, dc) != (0, 0):
+            d += NEIGHBOUR_WEIGHTS[(dr, dc)] * ((rows + dr >= 0) & (rows + dr < h) & (cols + dc >= 0) & (cols + dc < w))
+    return offsets, d, (rows + 1) * (w + 2) + cols + 1
+
+
 def scipy_impute(x: np.ndarray, removed: np.ndarray, noise: float = 0.0, rng=None) -> np.ndarray:
     """The same imputation for one image, (C, H, W) and (H, W) bool, with a sparse SciPy solve.
 
@@ -429,29 +445,28 @@ def scipy_impute(x: np.ndarray, removed: np.ndarray, noise: float = 0.0, rng=Non
     if idx.size == h * w:  # nothing kept: no solution; filled with 0 as `block_solve` does
         return np.zeros((c, h, w))
     n = idx.size
-    var = np.full(h * w, -1, dtype=np.int64)  # pixel -> unknown number (increasing with the pixel)
-    var[idx] = np.arange(n)
-    rows, cols = np.divmod(idx, w)
+    offsets, d, inner = _padded_grid(h, w)
+    # on the image padded by one pixel: pixel -> unknown number (increasing with the pixel), -1 for a
+    # kept pixel or outside; x on kept pixels, 0 on removed ones and outside
+    var = np.full((h + 2) * (w + 2), -1, dtype=np.int64)
+    at = inner[idx]
+    var[at] = np.arange(n)
+    known = np.zeros((c, (h + 2) * (w + 2)))
+    known[:, inner] = flat
+    known[:, at] = 0.0
     # row i of the matrix, one stencil entry per column of these (n, 9) arrays; the matrix is
     # symmetric, so its rows assembled as CSR are its CSC columns
-    values = np.zeros((n, 9))
-    columns = np.zeros((n, 9), dtype=np.int64)
-    present = np.zeros((n, 9), dtype=bool)
-    diag = np.zeros(n)
-    rhs = np.zeros((n, c))
+    columns = var[at[:, None] + offsets]      # the neighbour's unknown number, -1 if it is none
+    present = columns >= 0
+    values = np.empty((n, 9))
+    rhs = np.zeros((c, n))
     for k, (dr, dc) in enumerate(_STENCIL):
         if (dr, dc) == (0, 0):
-            centre = k
+            values[:, k] = d[idx]
             continue
         wt = NEIGHBOUR_WEIGHTS[(dr, dc)]
-        rr, cc = rows + dr, cols + dc
-        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-        nb = np.where(inside, rr * w + cc, 0)
-        diag += wt * inside
-        unknown = inside & gone[nb]
-        present[:, k], columns[:, k], values[:, k] = unknown, var[nb], -wt
-        rhs += (wt * (inside & ~unknown))[:, None] * flat[:, nb].T  # kept neighbours: known values
-    present[:, centre], columns[:, centre], values[:, centre] = True, np.arange(n), diag
+        values[:, k] = -wt
+        rhs += wt * known[:, at + offsets[k]]  # kept neighbours: known values
     indptr = np.concatenate([[0], np.cumsum(present.sum(1))])
     a = csc_matrix((values[present], columns[present], indptr), shape=(n, n))
     # the matrix is symmetric positive definite (see the module's docstring): SuperLU in its symmetric
@@ -459,7 +474,7 @@ def scipy_impute(x: np.ndarray, removed: np.ndarray, noise: float = 0.0, rng=Non
     # faster than `spsolve`'s default column ordering at 112 x 112 (13.8 vs 20.8 ms, same values to 7e-15)
     lu = splu(a, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, panel_size=SUPERLU_PANEL_SIZE,
               options={"SymmetricMode": True})
-    flat[:, idx] = lu.solve(rhs).T
+    flat[:, idx] = lu.solve(rhs.T).T
     if noise:
         flat[:, idx] += noise * (rng or np.random.default_rng()).standard_normal((c, n))
     return flat.reshape(c, h, w)
