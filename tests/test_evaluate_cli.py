@@ -94,3 +94,22 @@ def test_random_metrics_do_not_depend_on_the_batch_size_or_the_other_metrics(tmp
     for m in all3.split(","):
         assert np.allclose(a.read(f"rollout/{m}", "value"), b.read(f"rollout/{m}", "value"), rtol=1e-9, atol=0), m
     assert np.allclose(a.read("rollout/road_morf", "value"), c.read("rollout/road_morf", "value"), rtol=1e-9, atol=0)
+
+
+def test_random_metrics_are_the_same_under_the_portable_cpu_kernels(tmp_path):
+    """The noisy metrics end to end on another CPU kernel set (ATEN_CPU_CAPABILITY=default): the noise
+    is counter-based (the same draws), so only the float64 forwards' rounding may differ."""
+    from transexplain.results import ResultStore
+
+    metrics = "road_morf,road_lerf,infidelity,max_sensitivity"
+    stores = {}
+    for name, extra in (("native", {}), ("default", {"ATEN_CPU_CAPABILITY": "default"})):
+        out = tmp_path / f"{name}.h5"
+        proc = subprocess.run([str(ENTRY), "evaluate", "--method", "rollout", "--metric", metrics, "--limit", "2",
+                               "--out", str(out), "--quiet"], capture_output=True, text=True,
+                              env={**ENV, **extra}, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        stores[name] = ResultStore(out)
+    for m in metrics.split(","):
+        a, b = (stores[k].read(f"rollout/{m}", "value") for k in ("native", "default"))
+        assert np.all(np.isfinite(a)) and np.allclose(a, b, rtol=1e-9, atol=0), (m, a, b)
