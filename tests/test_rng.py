@@ -105,6 +105,8 @@ def test_common_noise_draws_streams_on_the_device_and_keeps_torch_generators():
                                                              dtype=torch.float64))
     with pytest.raises(ValueError):
         rng.draw([rng.Stream(1)], (2, 3))
+    assert rng.draw([], (0, 3, 4)).shape == (0, 3, 4)            # an empty batch
+    assert rng.draw([rng.Stream(1)], (1, 0)).shape == (1, 0)      # empty samples
 
 
 _CHILD = """

@@ -144,7 +144,7 @@ def draw(streams, shape, kind: str = "randn", device=None) -> torch.Tensor:
     starts = torch.tensor([s.take(n) for s in rows], dtype=torch.int64, device=device)
     out = torch.empty(len(rows), 2, n, dtype=torch.float64, device=device)
     # on a CPU in blocks of words that stay in cache; on a GPU at once
-    step = max(1, CPU_BLOCK // len(rows)) if device.type == "cpu" else n
+    step = max(1, CPU_BLOCK // max(1, len(rows))) if device.type == "cpu" else max(1, n)
     for a in range(0, n, step):
         b = min(n, a + step)
         _fill(out[:, :, a:b], words(keys, starts + a, b - a), kind)
