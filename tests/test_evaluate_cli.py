@@ -113,3 +113,26 @@ def test_random_metrics_are_the_same_under_the_portable_cpu_kernels(tmp_path):
     for m in metrics.split(","):
         a, b = (stores[k].read(f"rollout/{m}", "value") for k in ("native", "default"))
         assert np.all(np.isfinite(a)) and np.allclose(a, b, rtol=1e-9, atol=0), (m, a, b)
+
+
+def test_a_file_whose_noise_came_from_another_generator_is_not_resumed(tmp_path):
+    """A suite file written before the counter-based noise (its protocol has no "noise" entry) must not
+    be extended with other draws: one sentence naming the setting, exit 2, the file unchanged."""
+    import json
+
+    import h5py
+
+    out = tmp_path / "old.h5"
+    proc = tx("evaluate", "--method", "rollout", "--metric", "infidelity", "--limit", "1", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(out, "r+") as f:  # what a file of the previous generator holds
+        config = json.loads(f.attrs["config"])
+        assert config["protocol"]["noise"] == "splitmix64-boxmuller-v1"
+        del config["protocol"]["noise"]
+        f.attrs["config"] = json.dumps(config)
+    before = out.read_bytes()
+    proc = tx("evaluate", "--method", "rollout", "--metric", "infidelity", "--limit", "1", "--out", out, "--quiet")
+    assert proc.returncode == 2 and _one_sentence(proc), proc.stderr
+    assert "protocol.noise: absent in the file vs 'splitmix64-boxmuller-v1' now" in proc.stderr, proc.stderr
+    assert "--overwrite" in proc.stderr
+    assert out.read_bytes() == before

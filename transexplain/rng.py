@@ -32,6 +32,8 @@ import math
 import torch
 
 _MASK64 = (1 << 64) - 1
+#: the name of these draws (recorded in a suite file's config: a file drawn otherwise is not resumed)
+GENERATOR = "splitmix64-boxmuller-v1"
 
 
 def _signed(v: int) -> int:

@@ -35,6 +35,9 @@ DEFAULT_OPTIONS = {
     "infidelity_sigma": robustness.INFIDELITY_SIGMA, "infidelity_samples": robustness.INFIDELITY_SAMPLES,
     "sensitivity_radius": robustness.SENSITIVITY_RADIUS, "sensitivity_samples": robustness.SENSITIVITY_SAMPLES,
     "seed": 0, "target": "pred",
+    # the generator of ROAD's, infidelity's and max-sensitivity's noise (`rng.GENERATOR`): a file whose
+    # noise came from another one (torch.Generator before issue 14's sixth session) is not resumed
+    "noise": rng.GENERATOR,
 }
 
 

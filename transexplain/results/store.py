@@ -360,10 +360,19 @@ class ResultStore:
 
     @staticmethod
     def _differences(old: dict, new: dict) -> str:
-        keys = sorted(set(old) | set(new))
-        diffs = [f"{k}: {old.get(k)!r} in the file vs {new.get(k)!r} now" for k in keys
-                 if canonical_json({"v": old.get(k)}) != canonical_json({"v": new.get(k)})]
-        return "; ".join(diffs[:3]) or "unreadable config"
+        """The first three settings that differ, nested ones by their dotted path ("protocol.noise")."""
+        missing = object()
+
+        def walk(a, b, path):
+            for k in sorted(set(a) | set(b)):
+                x, y = a.get(k, missing), b.get(k, missing)
+                if isinstance(x, dict) and isinstance(y, dict):
+                    yield from walk(x, y, f"{path}{k}.")
+                elif x is missing or y is missing or canonical_json({"v": x}) != canonical_json({"v": y}):
+                    shown = ["absent" if v is missing else repr(v) for v in (x, y)]
+                    yield f"{path}{k}: {shown[0]} in the file vs {shown[1]} now"
+
+        return "; ".join(list(walk(old, new, ""))[:3]) or "unreadable config"
 
     def _merge_recorded_only(self, old: dict) -> dict:
         """The stored config with this session's RECORDED_ONLY values added (one value: as is; more: a
