@@ -26,7 +26,9 @@ step() {  # step SECONDS ARGS...: one script under a time limit, logged
   timeout "$limit" "$PY" "$@" 2>&1 | tee -a "$LOG"
 }
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; "$PY" -c "import torch; print('torch', torch.__version__)"; } 2>&1 | tee -a "$LOG"
-want() { [[ ",${STAGES:-imputer,embedded_road,vitb_road,embedded_suite,vitb_suite,check_cuda}," == *",$1,"* ]]; }
+# default: what the last device session left unmeasured (the counter-based noise drawn on the GPU:
+# its agreement with the CPU, then the noisy metrics and the suites); the other stages by name
+want() { [[ ",${STAGES:-road_noise_check,vitb_noisy,embedded_suite,vitb_suite,check_cuda}," == *",$1,"* ]]; }
 if want imputer; then
   step 120 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods block,mg,mg:w2,mg:w0,cg
   step 60 scripts/bench_road_imputer.py --size $S224 --images 4 --device $DEV --methods mg,block --dtype float32
