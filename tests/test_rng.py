@@ -60,7 +60,7 @@ def test_stream_position_advances_and_shared_streams_take_in_turn():
     s = rng.Stream(42)
     a = rng.draw(s, (2, 7))  # one stream for the whole batch: 14 values, 7 words
     assert s.position == 7
-    rows = rng.draw([rng.Stream(42)] * 1 + [rng.Stream(42)], (2, 7))
+    rows = rng.draw([rng.Stream(42), rng.Stream(42)], (2, 7))
     assert torch.equal(rows[0], rows[1])  # two streams, same key: the same draws
     t = rng.Stream(42)
     shared = rng.draw([t, t], (2, 6))     # one stream shared by two samples: words 0-2, then 3-5

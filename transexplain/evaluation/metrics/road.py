@@ -416,14 +416,11 @@ SUPERLU_PANEL_SIZE = 2
 @functools.lru_cache(maxsize=16)
 def _padded_grid(h: int, w: int):
     """The pieces of `scipy_impute`'s assembly that depend on the image size alone, on the image padded
-    by one pixel on every side: the flat offsets of `_STENCIL`'s 9 entries, d_i (the weights of pixel
-    i's in-image neighbours, summed in stencil order), and the padded index of every pixel."""
+    by one pixel on every side: the flat offsets of `_STENCIL`'s 9 entries, d_i (`_neighbour_sums`,
+    flattened), and the padded index of every pixel."""
     offsets = np.array([dr * (w + 2) + dc for dr, dc in _STENCIL], dtype=np.int64)
     rows, cols = np.divmod(np.arange(h * w), w)
-    d = np.zeros(h * w)
-    for dr, dc in _STENCIL:
-        if (dr, dc) != (0, 0):
-            d += NEIGHBOUR_WEIGHTS[(dr, dc)] * ((rows + dr >= 0) & (rows + dr < h) & (cols + dc >= 0) & (cols + dc < w))
+    d = _neighbour_sums(h, w, torch.float64, "cpu").numpy().reshape(-1)
     return offsets, d, (rows + 1) * (w + 2) + cols + 1
 
 
